@@ -1,0 +1,191 @@
+"""Reading checkpoints: safetensors files and sharded indexes, and assigning them to modules built on `meta`.
+
+Everything the library reads from disk passes through here, so this is where hostile or broken files are
+stopped. The safetensors format (https://github.com/huggingface/safetensors) is an 8-byte little-endian
+header length, a JSON header `{name: {dtype, shape, data_offsets}}` and the raw bytes. We parse it ourselves
+rather than through `safetensors.safe_open` for two reasons:
+  - every failure becomes a `CheckpointError` that names the file and the tensor, checked before any
+    allocation (a header may declare sizes the file does not hold);
+  - tensors are views of a private memory map, so loading a bf16 file into a bf16 model copies nothing:
+    the weights are paged in from the file as they are used, and the peak memory is the file's size.
+Nothing is ever unpickled.
+"""
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The safetensors dtype names.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's own limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be loaded. The message names the file and says what to do."""
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of one `.safetensors` file, memory-mapped: nothing is read until a tensor is used."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: is not a file (expected a .safetensors file)")
+    file_size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {file_size} bytes); re-download it")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated (declares a {header_size}-byte header in a "
+                f"{file_size}-byte file); re-download it"
+            )
+        try:
+            header = json.loads(file.read(header_size).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {error})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        data_start = 8 + header_size
+        data_size = file_size - data_start
+        # A private (copy-on-write) map: tensors may be written in place (training) without touching the file.
+        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if file_size else None
+
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end = _check_entry(path, name, entry, data_size)
+        tensors[name] = _tensor_view(buffer, data_start + begin, data_start + end, dtype, shape)
+    return tensors
+
+
+def _check_entry(path: Path, name: str, entry, data_size: int):
+    """Validates one header entry before anything is allocated for it."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: malformed header entry {entry!r}")
+    dtype = DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{where}: unsupported dtype {entry.get('dtype')!r} (known: {', '.join(DTYPES)})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise CheckpointError(f"{where}: malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+        raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for n in shape:
+        numel *= n
+    if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+        raise CheckpointError(
+            f"{where}: its bytes [{begin}, {end}) do not fit shape {shape} of {entry['dtype']} in the file's "
+            f"{data_size} data bytes; the file is truncated or corrupt, re-download it"
+        )
+    return dtype, shape, begin, end
+
+
+def _tensor_view(buffer, begin: int, end: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=begin)
+    if begin % dtype.itemsize:
+        raw = raw.clone()  # viewing bytes as a wider dtype needs aligned storage; rare, files align their data
+    return raw.view(dtype).reshape(shape)
+
+
+def read_sharded(index_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors listed by a Hugging Face `*.safetensors.index.json`, read from its shards."""
+    index_path = Path(index_path)
+    if not index_path.is_file():
+        raise CheckpointError(f"{index_path}: index file not found")
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid index (expected JSON with a 'weight_map'): {error!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    folder = index_path.parent.resolve()
+    shards = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard = (folder / shard_name).resolve()
+        # An index downloaded from anywhere must not make us read files outside its folder.
+        if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts or shard.parent != folder:
+            raise CheckpointError(f"{index_path}: shard {shard_name!r} is outside the index's folder; refusing to read it")
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard_name!r} is missing from {folder}; download it again")
+        shards[shard_name] = read_safetensors(shard)
+    tensors = {}
+    for name, shard_name in weight_map.items():
+        if name not in shards[shard_name]:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is listed in shard {shard_name!r} but not stored there")
+        tensors[name] = shards[shard_name][name]
+    return tensors
+
+
+def read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """A folder's `{stem}.safetensors`, or the shards of its `{stem}.safetensors.index.json`."""
+    index, single = folder / f"{stem}.safetensors.index.json", folder / f"{stem}.safetensors"
+    if index.is_file():
+        return read_sharded(index)
+    if single.is_file():
+        return read_safetensors(single)
+    raise CheckpointError(f"{folder}: holds neither {single.name} nor {index.name}")
+
+
+def load_into(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str | os.PathLike,
+    device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Assigns `state_dict` to `module` (built on `meta`), after checking every name and shape against it.
+
+    Floating-point tensors are converted to `dtype` (fp8, fp16, fp32 files alike) and moved to `device` one
+    at a time, so no second copy of the model is ever held. `source` names the file in error messages.
+    """
+    expected = module.state_dict()
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing {len(missing)} tensor(s) the model needs: {_names(missing)}. "
+            "Is this the right file for this model, and complete?"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected tensor(s): {_names(unexpected)}. "
+            "The file holds a different model or layout than the one being built."
+        )
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}; the file does not match the model's configuration"
+            )
+    converted = {}
+    for name, tensor in state_dict.items():
+        target = dtype if dtype is not None and tensor.is_floating_point() else expected[name].dtype
+        if not tensor.is_floating_point() and expected[name].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} is stored as {tensor.dtype}, expected floating point")
+        converted[name] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(converted, strict=True, assign=True)
+    leftover = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:  # a module with non-persistent buffers: a bug in the model file, not in the checkpoint
+        raise RuntimeError(f"{type(module).__name__} kept meta tensors after loading: {_names(leftover)}")
+    return module
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
