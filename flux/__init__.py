@@ -1,3 +1,6 @@
 """flux: FLUX.1 from scratch in pure PyTorch."""
 
 from flux.checkpoint import CheckpointError
+from flux.configs import configs
+from flux.loading import load_flow_model
+from flux.model import Flux, FluxParams

@@ -1,0 +1,53 @@
+"""Named presets: the official FLUX.1 checkpoints' configurations, and a tiny one for tests.
+
+`configs["flux-schnell"]` and `configs["flux-dev"]` hold what differs between the two releases: the
+transformer's guidance embedding, the number of steps, the guidance scale, whether the schedule is
+shifted toward high noise for larger images, and how many T5 tokens the prompt gets.
+"""
+
+from dataclasses import dataclass, replace
+
+from flux.autoencoder import AutoEncoderParams
+from flux.model import FluxParams
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    num_steps: int
+    guidance: float | None  # None: the model has no guidance embedding
+    shift_schedule: bool  # dev's resolution-dependent shift; schnell was distilled on the plain schedule
+    max_sequence_length: int  # T5 tokens: schnell was trained with 256, dev with 512
+    base_shift: float = 0.5  # mu at 256 image tokens (256² pixels) ...
+    max_shift: float = 1.15  # ... and at 4096 image tokens (1024² pixels)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    params: FluxParams
+    ae_params: AutoEncoderParams
+    sampling: SamplingDefaults
+
+
+FLUX_SCHNELL = FluxParams(
+    in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+    num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56), theta=10_000, qkv_bias=True,
+    guidance_embed=False,
+)
+
+configs = {
+    "flux-schnell": ModelSpec(
+        params=FLUX_SCHNELL,
+        ae_params=AutoEncoderParams(),
+        sampling=SamplingDefaults(num_steps=4, guidance=None, shift_schedule=False, max_sequence_length=256),
+    ),
+    "flux-dev": ModelSpec(
+        params=replace(FLUX_SCHNELL, guidance_embed=True),
+        ae_params=AutoEncoderParams(),
+        sampling=SamplingDefaults(num_steps=50, guidance=3.5, shift_schedule=True, max_sequence_length=512),
+    ),
+}
+
+# For tests: the real head dim (128) and rotary axes, everything else small and deliberately unequal
+# (3 heads, 2 double vs 3 single blocks, context 48 vs vector 40) so that swapped axes fail loudly.
+TINY = replace(FLUX_SCHNELL, vec_in_dim=40, context_in_dim=48, hidden_size=384, num_heads=3, depth=2,
+               depth_single_blocks=3)

@@ -1,0 +1,208 @@
+"""Loading the official FLUX.1 files, and the other layouts in circulation, into our modules.
+
+Our module trees spell the official keys, so the official files need no renaming. Other layouts are
+converted here, as data: diffusers' folders (tables of renames, with the fused projections they split),
+single files whose keys carry a prefix (`model.diffusion_model.` from ComfyUI-style bundles), and any
+floating dtype, fp8 included. Every model is built on `meta` and the file's tensors are assigned to it
+(`flux.checkpoint.load_into`): no random initialisation, no second copy, and a `CheckpointError` that names
+the file and the tensor for anything that does not fit.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+
+from flux.checkpoint import CheckpointError, load_into, read_safetensors, read_weights
+from flux.model import Flux, FluxParams
+
+WEIGHTS_HELP = "see weights/README.md for where the official files come from"
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformer
+# --------------------------------------------------------------------------------------------------
+
+def load_flow_model(path, *, device="cpu", dtype=torch.bfloat16) -> Flux:
+    """The FLUX transformer from a single file, a diffusers `transformer/` folder, or a snapshot folder.
+
+    The configuration (depths, width, channels, guidance embedding) is read off the weights, so
+    community checkpoints of other depths and the 128/384-channel Fill/Canny/Depth variants load too.
+    """
+    state_dict, source = read_flow_checkpoint(Path(path))
+    params = infer_flux_params(state_dict, source=source)
+    with torch.device("meta"):
+        model = Flux(params)
+    return load_into(model, state_dict, source=source, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def read_flow_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The transformer's tensors under our (official) names, and the file or folder they came from."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; pass a flux1-*.safetensors file or a FLUX.1 repository folder ({WEIGHTS_HELP})")
+    if path.is_file():
+        return to_official_names(read_safetensors(path), source=path), path
+    if _is_diffusers_folder(path):
+        return to_official_names(read_weights(path, "diffusion_pytorch_model"), source=path), path
+    # A snapshot holds the transformer twice; the single file is one read instead of three shards.
+    singles = sorted(p for p in path.glob("*.safetensors") if p.name != "ae.safetensors")
+    if len(singles) > 1:
+        singles = [p for p in singles if p.name.startswith("flux1-")] or singles
+    if len(singles) == 1:
+        return to_official_names(read_safetensors(singles[0]), source=singles[0]), singles[0]
+    if len(singles) > 1:
+        raise CheckpointError(f"{path}: several transformer files, {[p.name for p in singles]}; pass the one to load")
+    if _is_diffusers_folder(path / "transformer"):
+        folder = path / "transformer"
+        return to_official_names(read_weights(folder, "diffusion_pytorch_model"), source=folder), folder
+    raise CheckpointError(
+        f"{path}: no FLUX transformer here: expected flux1-*.safetensors or a transformer/ folder with "
+        f"config.json and diffusion_pytorch_model*.safetensors ({WEIGHTS_HELP})"
+    )
+
+
+def _is_diffusers_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors*"))
+
+
+def to_official_names(state_dict: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
+    """Strips a key prefix and converts diffusers' names; official-layout dicts pass through unchanged."""
+    anchor = next((k for k in state_dict if k.endswith(("img_in.weight", "x_embedder.weight"))), None)
+    if anchor is None:
+        raise CheckpointError(f"{source}: not a FLUX transformer (no 'img_in.weight' nor 'x_embedder.weight' tensor)")
+    prefix = anchor[: -len("img_in.weight")] if anchor.endswith("img_in.weight") else anchor[: -len("x_embedder.weight")]
+    if prefix:
+        # A bundle (transformer + autoencoder + text encoders in one file): keep the transformer's part.
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if "x_embedder.weight" in state_dict:
+        state_dict = from_diffusers(state_dict, source=source)
+    return state_dict
+
+
+# Our name <- diffusers' name, for whole modules (both `.weight` and `.bias` follow). `{i}` is a block index.
+DIFFUSERS_MODULES = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "double_blocks.{i}.img_mod.lin": "transformer_blocks.{i}.norm1.linear",
+    "double_blocks.{i}.txt_mod.lin": "transformer_blocks.{i}.norm1_context.linear",
+    "double_blocks.{i}.img_attn.proj": "transformer_blocks.{i}.attn.to_out.0",
+    "double_blocks.{i}.txt_attn.proj": "transformer_blocks.{i}.attn.to_add_out",
+    "double_blocks.{i}.img_mlp.0": "transformer_blocks.{i}.ff.net.0.proj",
+    "double_blocks.{i}.img_mlp.2": "transformer_blocks.{i}.ff.net.2",
+    "double_blocks.{i}.txt_mlp.0": "transformer_blocks.{i}.ff_context.net.0.proj",
+    "double_blocks.{i}.txt_mlp.2": "transformer_blocks.{i}.ff_context.net.2",
+    "single_blocks.{i}.modulation.lin": "single_transformer_blocks.{i}.norm.linear",
+    "single_blocks.{i}.linear2": "single_transformer_blocks.{i}.proj_out",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # halves stored as (scale, shift): swapped below
+}
+# Our fused projections <- diffusers' separate ones, concatenated along the output dimension.
+DIFFUSERS_FUSED = {
+    "double_blocks.{i}.img_attn.qkv": [f"transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"],
+    "double_blocks.{i}.txt_attn.qkv": [f"transformer_blocks.{{i}}.attn.add_{x}_proj" for x in "qkv"],
+    "single_blocks.{i}.linear1": [f"single_transformer_blocks.{{i}}.attn.to_{x}" for x in "qkv"]
+    + ["single_transformer_blocks.{i}.proj_mlp"],
+}
+# Single tensors whose last name part changes too.
+DIFFUSERS_TENSORS = {
+    "double_blocks.{i}.img_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_q.weight",
+    "double_blocks.{i}.img_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_k.weight",
+    "double_blocks.{i}.txt_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_added_q.weight",
+    "double_blocks.{i}.txt_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_added_k.weight",
+    "single_blocks.{i}.norm.query_norm.scale": "single_transformer_blocks.{i}.attn.norm_q.weight",
+    "single_blocks.{i}.norm.key_norm.scale": "single_transformer_blocks.{i}.attn.norm_k.weight",
+}
+
+
+def diffusers_name_table(num_double: int, num_single: int) -> dict[str, list[str]]:
+    """Every official tensor name -> the diffusers tensor names it is made of (several for fused ones)."""
+    def expand(template: str) -> list[str]:
+        if "{i}" not in template:
+            return [template]
+        count = num_double if template.startswith(("double_blocks", "transformer_blocks")) else num_single
+        return [template.replace("{i}", str(i)) for i in range(count)]
+
+    table = {}
+    for ours, theirs in DIFFUSERS_MODULES.items():
+        for suffix in (".weight", ".bias"):
+            for i_ours, i_theirs in zip(expand(ours), expand(theirs)):
+                table[i_ours + suffix] = [i_theirs + suffix]
+    for ours, parts in DIFFUSERS_FUSED.items():
+        for suffix in (".weight", ".bias"):
+            for index, name in enumerate(expand(ours)):
+                table[name + suffix] = [p.replace("{i}", str(index)) + suffix for p in parts]
+    for ours, theirs in DIFFUSERS_TENSORS.items():
+        for i_ours, i_theirs in zip(expand(ours), expand(theirs)):
+            table[i_ours] = [i_theirs]
+    return table
+
+
+def from_diffusers(state_dict: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
+    """diffusers' `FluxTransformer2DModel` tensors -> the official names."""
+    table = diffusers_name_table(_count_blocks(state_dict, "transformer_blocks", source),
+                                 _count_blocks(state_dict, "single_transformer_blocks", source))
+    converted, used = {}, set()
+    for ours, theirs in table.items():
+        present = [name for name in theirs if name in state_dict]
+        if not present:
+            continue  # e.g. no guidance embedder, or no biases: load_into reports what the model misses
+        if len(present) != len(theirs):
+            missing = sorted(set(theirs) - set(present))
+            raise CheckpointError(f"{source}: has {present[0]!r} but not {missing}, which together make {ours!r}")
+        tensor = torch.cat([state_dict[name] for name in theirs]) if len(theirs) > 1 else state_dict[theirs[0]]
+        if ours.startswith("final_layer.adaLN_modulation"):
+            scale, shift = tensor.chunk(2)
+            tensor = torch.cat([shift, scale])
+        converted[ours] = tensor
+        used.update(theirs)
+    unknown = [name for name in state_dict if name not in used]
+    if unknown:
+        raise CheckpointError(f"{source}: diffusers tensors with no official counterpart: {unknown[:8]}")
+    return converted
+
+
+def infer_flux_params(state_dict: dict[str, torch.Tensor], *, source) -> FluxParams:
+    """Reads the transformer's configuration off its (official-named) tensors.
+
+    Not stored in the file: the rotary split (16, 56, 56) and theta, which every released FLUX variant
+    shares; we require the head dim they imply (128).
+    """
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in state_dict:
+            raise CheckpointError(f"{source}: missing tensor {name!r}, needed to read the model's configuration")
+        return tuple(state_dict[name].shape)
+
+    hidden, in_channels = shape("img_in.weight")
+    depth = _count_blocks(state_dict, "double_blocks", source)
+    head_dim = shape(f"{'double_blocks.0.img_attn' if depth else 'single_blocks.0'}.norm.query_norm.scale")[0]
+    if head_dim != 128 or hidden % head_dim:
+        raise CheckpointError(f"{source}: head dim {head_dim} with hidden size {hidden}; FLUX models have head dim 128")
+    mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+    return FluxParams(
+        in_channels=in_channels,
+        out_channels=shape("final_layer.linear.weight")[0],
+        vec_in_dim=shape("vector_in.in_layer.weight")[1],
+        context_in_dim=shape("txt_in.weight")[1],
+        hidden_size=hidden,
+        mlp_ratio=mlp_hidden / hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single_blocks=_count_blocks(state_dict, "single_blocks", source),
+        axes_dim=(16, 56, 56),
+        theta=10_000,
+        qkv_bias=depth == 0 or "double_blocks.0.img_attn.qkv.bias" in state_dict,
+        guidance_embed="guidance_in.in_layer.weight" in state_dict,
+    )
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str, source) -> int:
+    indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    if indices and indices != set(range(max(indices) + 1)):
+        raise CheckpointError(f"{source}: the {prefix} are not numbered 0..{max(indices)}: missing {sorted(set(range(max(indices) + 1)) - indices)}")
+    return len(indices)
