@@ -19,6 +19,7 @@ class SamplingDefaults:
     max_sequence_length: int  # T5 tokens: schnell was trained with 256, dev with 512
     base_shift: float = 0.5  # mu at 256 image tokens (256² pixels) ...
     max_shift: float = 1.15  # ... and at 4096 image tokens (1024² pixels)
+    image_size: int = 1024  # width and height when none are given
 
 
 @dataclass(frozen=True)
