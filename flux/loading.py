@@ -8,11 +8,14 @@ floating dtype, fp8 included. Every model is built on `meta` and the file's tens
 the file and the tensor for anything that does not fit.
 """
 
+import itertools
+import json
 import re
 from pathlib import Path
 
 import torch
 
+from flux.autoencoder import AutoEncoder, AutoEncoderParams
 from flux.checkpoint import CheckpointError, load_into, read_safetensors, read_weights
 from flux.model import Flux, FluxParams
 
@@ -206,3 +209,138 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str, source) -> i
     if indices and indices != set(range(max(indices) + 1)):
         raise CheckpointError(f"{source}: the {prefix} are not numbered 0..{max(indices)}: missing {sorted(set(range(max(indices) + 1)) - indices)}")
     return len(indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# The autoencoder
+# --------------------------------------------------------------------------------------------------
+
+def load_autoencoder(path, *, device="cpu", dtype=torch.bfloat16) -> AutoEncoder:
+    """The FLUX autoencoder from `ae.safetensors`, a diffusers `vae/` folder, or a snapshot folder.
+
+    The structure (widths, levels, blocks, channels) is read off the weights; the latent scale and shift,
+    which no weight file holds, from a diffusers `config.json` when there is one, else FLUX's own.
+    """
+    state_dict, source, config = read_autoencoder_checkpoint(Path(path))
+    params = infer_autoencoder_params(state_dict, config, source=source)
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    return load_into(model, state_dict, source=source, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def read_autoencoder_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict]:
+    """The autoencoder's tensors under the official names, the file or folder they came from, and the
+    diffusers config (empty for a single file)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; pass ae.safetensors, a diffusers vae/ folder or a FLUX.1 repository folder ({WEIGHTS_HELP})")
+    if path.is_dir() and not _is_diffusers_folder(path):
+        # A snapshot holds the autoencoder twice; prefer the official single file, one read with no renaming.
+        if (path / "ae.safetensors").is_file():
+            path = path / "ae.safetensors"
+        elif _is_diffusers_folder(path / "vae"):
+            path = path / "vae"
+        else:
+            raise CheckpointError(f"{path}: no FLUX autoencoder here: expected ae.safetensors or a vae/ folder with "
+                                  f"config.json and diffusion_pytorch_model.safetensors ({WEIGHTS_HELP})")
+    if path.is_file():
+        return autoencoder_official_names(read_safetensors(path), source=path), path, {}
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {error}") from None
+    return autoencoder_official_names(read_weights(path, "diffusion_pytorch_model"), source=path), path, config
+
+
+def autoencoder_official_names(state_dict: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
+    """diffusers' `AutoencoderKL` tensors -> the official names; official-layout dicts pass through unchanged."""
+    if "encoder.conv_in.weight" not in state_dict:
+        raise CheckpointError(f"{source}: not an autoencoder (no 'encoder.conv_in.weight' tensor)")
+    if not any(name.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for name in state_dict):
+        return state_dict
+    levels = _count_blocks(state_dict, r"encoder\.down_blocks", source)
+    blocks = _count_blocks(state_dict, r"decoder\.up_blocks\.0\.resnets", source)
+    converted, used = {}, set()
+    for ours, theirs in autoencoder_diffusers_name_table(levels, blocks).items():
+        if theirs not in state_dict:
+            continue  # absent shortcuts and downsamplers; load_into reports what the model misses
+        tensor = state_dict[theirs]
+        if ".attn_1." in ours and ours.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # diffusers' linear (C, C) -> the official 1×1 convolution (C, C, 1, 1)
+        converted[ours] = tensor
+        used.add(theirs)
+    unknown = [name for name in state_dict if name not in used]
+    if unknown:
+        raise CheckpointError(f"{source}: diffusers autoencoder tensors with no official counterpart "
+                              f"(a quant_conv means it is not FLUX's autoencoder): {unknown[:8]}")
+    return converted
+
+
+# Our autoencoder module <- diffusers' (`AutoencoderKL`). `{half}` is encoder or decoder, `{i}` a level and `{j}`
+# a block in it, `{resnet}` and `{attention}` a layer of a ResNet block and of the attention (table below).
+AUTOENCODER_DIFFUSERS_MODULES = {
+    "{half}.conv_in": "{half}.conv_in",
+    "{half}.norm_out": "{half}.conv_norm_out",
+    "{half}.conv_out": "{half}.conv_out",
+    "{half}.mid.block_1.{resnet}": "{half}.mid_block.resnets.0.{resnet}",
+    "{half}.mid.attn_1.{attention}": "{half}.mid_block.attentions.0.{attention}",
+    "{half}.mid.block_2.{resnet}": "{half}.mid_block.resnets.1.{resnet}",
+    "encoder.down.{i}.block.{j}.{resnet}": "encoder.down_blocks.{i}.resnets.{j}.{resnet}",
+    "encoder.down.{i}.downsample.conv": "encoder.down_blocks.{i}.downsamplers.0.conv",
+    # diffusers numbers the decoder's levels in the order they run (lowest resolution first), the official
+    # file by resolution like the encoder's (up.0 is full size): up.{i} is up_blocks.{levels - 1 - i}.
+    "decoder.up.{i}.block.{j}.{resnet}": "decoder.up_blocks.{reversed_i}.resnets.{j}.{resnet}",
+    "decoder.up.{i}.upsample.conv": "decoder.up_blocks.{reversed_i}.upsamplers.0.conv",
+}
+AUTOENCODER_DIFFUSERS_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                                "nin_shortcut": "conv_shortcut"}
+AUTOENCODER_DIFFUSERS_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def autoencoder_diffusers_name_table(levels: int, blocks: int) -> dict[str, str]:
+    """Every official autoencoder tensor name a model of this size may have -> diffusers' name for it."""
+    table = {}
+    for ours, theirs in AUTOENCODER_DIFFUSERS_MODULES.items():
+        for half, i, j, (resnet_ours, resnet_theirs), (attention_ours, attention_theirs) in itertools.product(
+            ("encoder", "decoder"), range(levels), range(blocks),
+            AUTOENCODER_DIFFUSERS_RESNET.items(), AUTOENCODER_DIFFUSERS_ATTENTION.items(),
+        ):
+            common = dict(half=half, i=i, reversed_i=levels - 1 - i, j=j)
+            for suffix in (".weight", ".bias"):
+                table[ours.format(**common, resnet=resnet_ours, attention=attention_ours) + suffix] = (
+                    theirs.format(**common, resnet=resnet_theirs, attention=attention_theirs) + suffix)
+    return table
+
+
+def infer_autoencoder_params(state_dict: dict[str, torch.Tensor], config: dict, *, source) -> AutoEncoderParams:
+    """Reads the autoencoder's configuration off its (official-named) tensors, and the latent scale and shift
+    from a diffusers `config`; checks that the two agree where both speak."""
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in state_dict:
+            raise CheckpointError(f"{source}: missing tensor {name!r}, needed to read the autoencoder's configuration")
+        return tuple(state_dict[name].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = _count_blocks(state_dict, r"encoder\.down", source)
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    if levels == 0 or any(width % ch for width in widths):
+        raise CheckpointError(f"{source}: level widths {widths} are not multiples of the first convolution's {ch} channels")
+    z_channels = shape("decoder.conv_in.weight")[1]
+    if shape("encoder.conv_out.weight")[0] != 2 * z_channels:
+        raise CheckpointError(f"{source}: the encoder predicts {shape('encoder.conv_out.weight')[0]} channels, expected "
+                              f"2 × {z_channels} (mean and log-variance of the decoder's {z_channels} latent channels)")
+    num_res_blocks = _count_blocks(state_dict, r"encoder\.down\.0\.block", source)
+    fields = dict(in_channels=in_channels, ch=ch, out_ch=shape("decoder.conv_out.weight")[0],
+                  ch_mult=tuple(width // ch for width in widths), num_res_blocks=num_res_blocks, z_channels=z_channels)
+    implied = {"in_channels": in_channels, "out_channels": fields["out_ch"], "latent_channels": z_channels,
+               "layers_per_block": num_res_blocks, "block_out_channels": widths}
+    for name, value in implied.items():
+        if name in config and config[name] != value:
+            raise CheckpointError(f"{source}: config.json gives {name} = {config[name]} but the weights imply {value}")
+    # Neither ae.safetensors nor the weights hold the latent statistics: FLUX's unless a config says otherwise.
+    flux = AutoEncoderParams()
+    scale = config.get("scaling_factor") or flux.scale_factor
+    shift = config.get("shift_factor") if config.get("shift_factor") is not None else flux.shift_factor
+    try:
+        return AutoEncoderParams(**fields, scale_factor=scale, shift_factor=shift)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: not a valid autoencoder configuration: {error}") from None
