@@ -8,6 +8,7 @@ floating dtype, fp8 included. Every model is built on `meta` and the file's tens
 the file and the tensor for anything that does not fit.
 """
 
+import dataclasses
 import itertools
 import json
 import re
@@ -17,7 +18,10 @@ import torch
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
 from flux.checkpoint import CheckpointError, load_into, read_safetensors, read_weights
+from flux.clip import CLIP, CLIPTextConfig, CLIPTextModel
 from flux.model import Flux, FluxParams
+from flux.t5 import T5, T5Config, T5Encoder
+from flux.tokenizers import CLIPTokenizer, T5Tokenizer
 
 WEIGHTS_HELP = "see weights/README.md for where the official files come from"
 
@@ -344,3 +348,133 @@ def infer_autoencoder_params(state_dict: dict[str, torch.Tensor], config: dict, 
         return AutoEncoderParams(**fields, scale_factor=scale, shift_factor=shift)
     except ValueError as error:
         raise CheckpointError(f"{source}: not a valid autoencoder configuration: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The text encoders
+# --------------------------------------------------------------------------------------------------
+# Both come as Hugging Face folders: `text_encoder_2/` (T5) and `text_encoder/` (CLIP), each a config.json
+# and a model.safetensors (or shards with an index), their tokenizers in the sibling `tokenizer_2/` and
+# `tokenizer/` (or, in folders people assemble themselves, inside the component folder).
+
+def load_t5(path, *, max_length=256, device="cpu", dtype=torch.bfloat16) -> T5:
+    """T5 with its tokenizer, from `text_encoder_2/` or the snapshot root: prompts -> (B, max_length, 4096).
+
+    `max_length` is the padded prompt length: 256 for FLUX.1-schnell, 512 for dev.
+    """
+    folder = _text_encoder_folder(Path(path), "text_encoder_2", "T5")
+    config = read_t5_config(folder)
+    tokenizer_folder = _tokenizer_folder(folder, "tokenizer_2", ("tokenizer.json", "spiece.model"))
+    tokenizer = T5Tokenizer.from_folder(tokenizer_folder, max_length=max_length)
+    state_dict = read_weights(folder, "model")
+    # transformers ties the encoder's embedding to `shared`; files written with the tie unrolled store it twice.
+    state_dict.pop("encoder.embed_tokens.weight", None)
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    load_into(model, state_dict, source=folder, device=device, dtype=dtype)
+    if dtype == torch.float16:  # as transformers loads T5 in fp16: these outputs overflow fp16 (see t5.py)
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+    return T5(model, tokenizer).eval().requires_grad_(False)
+
+
+def load_clip(path, *, device="cpu", dtype=torch.bfloat16) -> CLIP:
+    """CLIP's text tower with its tokenizer, from `text_encoder/` or the snapshot root: prompts -> (B, 768)."""
+    folder = _text_encoder_folder(Path(path), "text_encoder", "CLIP")
+    config = read_clip_config(folder)
+    tokenizer_folder = _tokenizer_folder(folder, "tokenizer", ("tokenizer.json", "vocab.json"))
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_folder, max_length=config.max_position_embeddings)
+    state_dict = clip_official_names(read_weights(folder, "model"), source=folder)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    load_into(model, state_dict, source=folder, device=device, dtype=dtype)
+    return CLIP(model, tokenizer).eval().requires_grad_(False)
+
+
+def clip_official_names(state_dict: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
+    """CLIP tensors under the official `text_model.` names: transformers 4 (the official file) wrote them so,
+    transformers 5 without the prefix. The stored `position_ids` (0..76, a buffer, not a weight) is dropped."""
+    prefixed = [name.startswith("text_model.") for name in state_dict]
+    if any(prefixed) and not all(prefixed):
+        odd = [name for name, has in zip(state_dict, prefixed) if not has]
+        raise CheckpointError(f"{source}: some tensor names start with 'text_model.' and some do not "
+                              f"(e.g. {odd[:3]}); the file mixes two layouts")
+    prefix = "" if all(prefixed) else "text_model."
+    return {prefix + name: tensor for name, tensor in state_dict.items()
+            if not name.endswith("embeddings.position_ids")}
+
+
+def read_t5_config(folder: Path) -> T5Config:
+    """The T5Config a transformers `config.json` describes; only T5 v1.1's gated-GELU encoder is accepted."""
+    path, config = _read_model_config(folder)
+    if config.get("feed_forward_proj", "relu") != "gated-gelu":
+        raise CheckpointError(f"{path}: feed_forward_proj is {config.get('feed_forward_proj', 'relu')!r}; "
+                              "FLUX.1 uses T5 v1.1, whose feed-forward is 'gated-gelu'")
+    return _config_from(path, config, T5Config, defaults=dict(
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6))
+
+
+def read_clip_config(folder: Path) -> CLIPTextConfig:
+    """The CLIPTextConfig a transformers `config.json` describes (text tower only, quick-GELU)."""
+    path, config = _read_model_config(folder)
+    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"{path}: hidden_act is {config['hidden_act']!r}; CLIP ViT-L/14 was trained with "
+                              "'quick_gelu', and FLUX.1's text_encoder uses it")
+    # transformers pools at argmax(input_ids) when the config says eos_token_id 2 (the original CLIP configs'
+    # error; the true end-of-text id is 49407, the largest): we do the same, spelled as None.
+    eos = config.get("eos_token_id", 2)
+    return _config_from(path, {**config, "eos_token_id": None if eos == 2 else eos}, CLIPTextConfig,
+                        defaults=dict(max_position_embeddings=77, layer_norm_eps=1e-5))
+
+
+def _read_model_config(folder: Path) -> tuple[Path, dict]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json here ({WEIGHTS_HELP})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return path, config
+
+
+def _config_from(path: Path, config: dict, cls, *, defaults: dict):
+    """`cls` (a config dataclass) from the JSON fields of the same names; errors name the file and field."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in config:
+            value = config[field.name]
+        elif field.name in defaults:
+            value = defaults[field.name]
+        else:
+            raise CheckpointError(f"{path}: the field {field.name!r} is missing")
+        if field.name.endswith(("epsilon", "_eps")) and type(value) is int:
+            value = float(value)  # JSON writes 1.0 as 1
+        values[field.name] = value
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _text_encoder_folder(path: Path, name: str, model: str) -> Path:
+    """`path` itself when it holds config.json (a component folder), else its `name/` (a snapshot root)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; pass the {name}/ folder or a FLUX.1 repository folder ({WEIGHTS_HELP})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: the {model} encoder is a folder ({name}/ with config.json and model weights), not a file")
+    if (path / "config.json").is_file() or not (path / name).is_dir():
+        return path  # reading config.json reports it when it is missing
+    return path / name
+
+
+def _tokenizer_folder(folder: Path, name: str, markers: tuple[str, ...]) -> Path:
+    """The tokenizer beside the encoder: inside its folder when there (files a user gathered in one place),
+    else the repository's sibling `name/` folder."""
+    for candidate in (folder, folder.parent / name):
+        if any((candidate / marker).is_file() for marker in markers):
+            return candidate
+    raise CheckpointError(f"{folder}: no tokenizer found, neither in this folder nor in {folder.parent / name} "
+                          f"(expected {' or '.join(markers)}); the repository keeps it in {name}/")

@@ -101,10 +101,14 @@ class T5Tokenizer:
         except ValueError as error:  # max_length was checked above: this is the folder's fault
             raise CheckpointError(f"{folder}: {error}") from None
 
-    def __call__(self, prompts: list[str] | str) -> torch.Tensor:
-        """B prompts (a single str is a batch of one) -> (B, max_length) int64 ids: pieces, `</s>`, `<pad>`s."""
+    def __call__(self, prompts: list[str] | str, *, max_length: int | None = None) -> torch.Tensor:
+        """B prompts (a single str is a batch of one) -> (B, max_length) int64 ids: pieces, `</s>`, `<pad>`s.
+
+        `max_length` overrides the tokenizer's own for this call (FLUX.1-dev reads 512 tokens, schnell 256)."""
+        if max_length is not None:
+            _check_max_length(max_length, special_tokens=1)
         return _encode(self.backend, prompts, before=[], after=[self.eos_token_id], pad_token_id=self.pad_token_id,
-                       max_length=self.max_length, name="T5")
+                       max_length=max_length or self.max_length, name="T5")
 
 
 class CLIPTokenizer:
