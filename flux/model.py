@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Flux(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(params) for _ in range(params.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(params) for _ in range(params.depth_single_blocks))
         self.final_layer = LastLayer(hidden, params.out_channels)
+        # Training only: recompute each block's activations in the backward pass instead of storing them.
+        self.gradient_checkpointing = False
 
     def forward(
         self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
@@ -96,12 +99,17 @@ class Flux(nn.Module):
         mask = joint_attention_mask(txt_mask, img.shape[1]) if txt_mask is not None else None
 
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, mask)
+            img, txt = self._run(block, img, txt, vec, rope, mask)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, rope, mask)
+            x = self._run(block, x, vec, rope, mask)
         img = x[:, txt.shape[1]:]
         return self.final_layer(img, vec)
+
+    def _run(self, block: nn.Module, *inputs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
         p = self.params
