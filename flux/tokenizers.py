@@ -207,7 +207,7 @@ def _encode(backend: Tokenizer, prompts, *, before: list[int], after: list[int],
 
 def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
-        return [prompts]
+        prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a list of str (or one str), got {type(prompts).__name__}")
     for index, prompt in enumerate(prompts):
@@ -297,9 +297,11 @@ def _read_sentencepiece_model(path: Path) -> tuple[list[tuple[str, float, int]],
     The file is a protocol buffer (sentencepiece_model.proto). We need three fields, so we read the wire
     format directly rather than depend on protobuf: ModelProto.pieces (field 1, repeated) are SentencePiece
     messages {piece 1, score 2, type 3}; ModelProto.normalizer_spec (field 3) holds precompiled_charsmap (2).
+    The trainer always writes normalizer_spec, after the pieces: a file without it was cut short, possibly
+    right between two pieces, where the wire format alone cannot tell.
     """
     try:
-        pieces, precompiled_charsmap = [], None
+        pieces, normalizer_spec = [], None
         for field, value in _protobuf_fields(path.read_bytes()):
             if field == 1:
                 entry = dict(_protobuf_fields(value))
@@ -307,12 +309,13 @@ def _read_sentencepiece_model(path: Path) -> tuple[list[tuple[str, float, int]],
                 (score,) = struct.unpack("<f", entry.get(2, b"\0\0\0\0"))  # a 32-bit float
                 pieces.append((text, score, entry.get(3, SPM_NORMAL)))
             elif field == 3:
-                precompiled_charsmap = dict(_protobuf_fields(value)).get(2)
+                normalizer_spec = dict(_protobuf_fields(value))
     except (ValueError, TypeError, struct.error, AttributeError) as error:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path}: not a sentencepiece model ({error}); re-download it") from None
-    if not pieces:
-        raise CheckpointError(f"{path}: not a sentencepiece model (no pieces); re-download it")
-    return pieces, precompiled_charsmap
+    if not pieces or normalizer_spec is None:
+        missing = "no pieces" if not pieces else f"no normalizer spec after its {len(pieces)} pieces: truncated?"
+        raise CheckpointError(f"{path}: not a complete sentencepiece model ({missing}); re-download it")
+    return pieces, normalizer_spec.get(2)
 
 
 def _protobuf_fields(message: bytes):

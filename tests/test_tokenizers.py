@@ -3,12 +3,16 @@ pipeline calls (`padding="max_length", max_length=..., truncation=True`), on fol
 `tokenizer/` (vocab.json + merges.txt, 49408 tokens) and `tokenizer_2/` (spiece.model and/or tokenizer.json).
 
 The vocabularies are trained here, deterministically, on generated multilingual text: a BPE of CLIP's real
-size with the `tokenizers` trainer, a small sentencepiece unigram model with T5's conventions.
+size with the `tokenizers` trainer, a small sentencepiece unigram model with T5's conventions. Beyond parity:
+batches are their rows, truncation warns with transformers' count and keeps the closing token, and every
+broken folder, file or prompt fails with a message that names it.
 """
 
+import io
 import json
 import logging
 import random
+import re
 import shutil
 
 import pytest
@@ -155,3 +159,270 @@ def clip(clip_folder):
 @pytest.mark.parametrize("prompt", PROMPTS.values(), ids=PROMPTS.keys())
 def test_clip_matches_transformers(clip, clip_reference, prompt, max_length):
     assert_same_ids(clip[max_length]([prompt]), reference_ids(clip_reference, [prompt], max_length), [prompt])
+
+
+# ---- T5: a sentencepiece unigram model with T5's conventions, as spiece.model and as tokenizer.json ----
+
+T5_PIECES = 3000  # sentencepiece pieces; the 100 sentinels <extra_id_N> come after them
+T5_SOURCES = ("spiece.model", "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def t5_folders(tmp_path_factory):
+    """Two `tokenizer_2/` folders: one with only the `spiece.model` sentencepiece trains (FLUX.1's repository
+    has this file), one with what transformers' `T5TokenizerFast` saves from it (tokenizer.json and
+    tokenizer_config.json, as transformers 5 writes them)."""
+    import sentencepiece
+    from transformers import T5TokenizerFast
+
+    model = io.BytesIO()
+    # T5's conventions: <pad> 0, </s> 1, <unk> 2, no <s>; nmt_nfkc normalisation (sentencepiece's default, and
+    # T5's). Coverage keeps all but the rarest characters, so the CJK and emoji prompts have pieces and the
+    # control characters stay unknown. One thread: the trained model depends on the thread count.
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(generated_text(1000, seed=1)), model_writer=model, model_type="unigram",
+        vocab_size=T5_PIECES, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=0.9999, num_threads=1,
+        minloglevel=2)
+    root = tmp_path_factory.mktemp("t5")
+    folders = {source: root / source / "tokenizer_2" for source in T5_SOURCES}
+    folders["spiece.model"].mkdir(parents=True)
+    (folders["spiece.model"] / "spiece.model").write_bytes(model.getvalue())
+    T5TokenizerFast.from_pretrained(folders["spiece.model"], extra_ids=100).save_pretrained(folders["tokenizer.json"])
+    assert sorted(path.name for path in folders["tokenizer.json"].iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    return folders
+
+
+@pytest.fixture(scope="module")
+def t5_reference(t5_folders):
+    from transformers import T5TokenizerFast
+
+    references = {source: T5TokenizerFast.from_pretrained(folder) for source, folder in t5_folders.items()}
+    for reference in references.values():
+        assert len(reference) == T5_PIECES + 100
+        assert (reference.pad_token_id, reference.eos_token_id, reference.unk_token_id) == (0, 1, 2)
+        # The corpus was meant to cover these scripts: if they became <unk>, the parity below would test little.
+        covered = reference(PROMPTS["japanese"] + PROMPTS["korean-chinese"] + PROMPTS["emoji"] + PROMPTS["scripts"]).input_ids
+        assert reference.unk_token_id not in covered
+    return references
+
+
+@pytest.fixture(scope="module")
+def t5(t5_folders):
+    """Ours from each folder, at schnell's length and at a short one that truncates most of the corpus."""
+    return {(source, max_length): T5Tokenizer.from_folder(t5_folders[source], max_length=max_length)
+            for source in T5_SOURCES for max_length in (256, 8)}
+
+
+@pytest.mark.parametrize("max_length", [256, 8])
+@pytest.mark.parametrize("source", T5_SOURCES)
+@pytest.mark.parametrize("prompt", PROMPTS.values(), ids=PROMPTS.keys())
+def test_t5_matches_transformers(t5, t5_reference, prompt, source, max_length):
+    assert_same_ids(t5[source, max_length]([prompt]), reference_ids(t5_reference[source], [prompt], max_length), [prompt])
+
+
+@pytest.mark.parametrize("max_length", [512, 8])
+def test_t5_max_length_per_call_matches_transformers(t5, t5_reference, max_length):
+    """FLUX.1-dev reads 512 tokens: the call's max_length overrides the tokenizer's, the whole corpus at once."""
+    prompts = list(PROMPTS.values())
+    expected = reference_ids(t5_reference["spiece.model"], prompts, max_length)
+    assert_same_ids(t5["spiece.model", 256](prompts, max_length=max_length), expected, prompts)
+
+
+# ---- invariants: batches, truncation ----
+
+def ours_and_reference(request, name: str, max_length: int):
+    """Our tokenizer at `max_length` and transformers' from the same folder (T5: the spiece.model one)."""
+    if name == "t5":
+        return request.getfixturevalue("t5")["spiece.model", max_length], request.getfixturevalue("t5_reference")["spiece.model"]
+    return request.getfixturevalue("clip")[max_length], request.getfixturevalue("clip_reference")
+
+
+@pytest.mark.parametrize("name, max_length", [("t5", 256), ("t5", 8), ("clip", 77), ("clip", 8)])
+def test_batch_rows_are_the_prompts_one_by_one(request, name, max_length):
+    tokenizer, _ = ours_and_reference(request, name, max_length)
+    prompts = list(PROMPTS.values())
+    batch = tokenizer(prompts)
+    assert batch.dtype == torch.long and batch.shape == (len(prompts), max_length)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batch[row], tokenizer([prompt])[0]), f"prompt {prompt[:60]!r} differs inside the batch"
+    assert torch.equal(tokenizer(tuple(prompts)), batch)
+    for prompt in PROMPTS.values():  # a single str is a batch of one
+        assert torch.equal(tokenizer(prompt), tokenizer([prompt]))
+
+
+@pytest.mark.parametrize("words", range(1, 12))
+@pytest.mark.parametrize("name", ["t5", "clip"])
+def test_truncation_warns_with_the_number_of_dropped_tokens(request, caplog, name, words):
+    """Around the limit (8): a prompt that fits, even exactly, logs nothing; one over it logs one warning whose
+    count is transformers' own: its untruncated length (special tokens included) minus max_length."""
+    tokenizer, reference = ours_and_reference(request, name, 8)
+    prompt = " ".join(["a"] * words)
+    total = len(reference(prompt).input_ids)  # transformers without truncation
+    with caplog.at_level(logging.DEBUG, logger="flux.tokenizers"):
+        ids = tokenizer(["a cat", prompt])  # prompt 0 fits: only prompt 1 may warn
+    records = [record for record in caplog.records if record.name == "flux.tokenizers"]
+    if total <= 8:
+        assert records == [], [record.getMessage() for record in records]
+        return
+    assert [record.levelno for record in records] == [logging.WARNING], [record.getMessage() for record in records]
+    message = records[0].getMessage()
+    assert re.search(rf"\bprompt 1 has {total} tokens\b.*\bdropped the last {total - 8}\b", message), message
+    # The truncated row is full and still ends with </s> / <|endoftext|>, as transformers' does.
+    assert ids[1, -1].item() == reference.eos_token_id
+    assert ids[1].tolist() == reference_ids(reference, [prompt], 8)[0].tolist()
+
+
+@pytest.mark.parametrize("name, max_length", [("t5", 256), ("clip", 77)])
+def test_truncation_at_the_official_length(request, caplog, name, max_length):
+    tokenizer, reference = ours_and_reference(request, name, max_length)
+    total = len(reference(PROMPTS["long-prose"]).input_ids)
+    assert total > max_length
+    with caplog.at_level(logging.WARNING, logger="flux.tokenizers"):
+        ids = tokenizer(PROMPTS["long-prose"])
+    (record,) = [record for record in caplog.records if record.name == "flux.tokenizers"]
+    assert f"dropped the last {total - max_length}:" in record.getMessage(), record.getMessage()
+    last_non_pad = ids[0][ids[0] != reference.pad_token_id][-1] if name == "t5" else ids[0, -1]  # CLIP pads with its eos
+    assert last_non_pad.item() == reference.eos_token_id
+
+
+# ---- errors: each names what is wrong and where ----
+
+TOKENIZERS = {"t5": T5Tokenizer, "clip": CLIPTokenizer}
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_missing_folder(tmp_path, name):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'nowhere'}: ") + ".*folder not found"):
+        TOKENIZERS[name].from_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name, expected", [("t5", "tokenizer.json or spiece.model"), ("clip", "missing vocab.json and merges.txt")])
+def test_folder_without_tokenizer_files(tmp_path, name, expected):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: ") + ".*" + re.escape(expected)):
+        TOKENIZERS[name].from_folder(tmp_path)
+
+
+def test_the_other_tokenizers_folder(t5_folders, clip_folder):
+    """tokenizer/ and tokenizer_2/ swapped: each says what it expected."""
+    with pytest.raises(CheckpointError, match=re.escape(f"{clip_folder}: no T5 tokenizer here")):
+        T5Tokenizer.from_folder(clip_folder)
+    with pytest.raises(CheckpointError, match=re.escape(f"{t5_folders['tokenizer.json'] / 'tokenizer.json'}: expected a BPE "
+                                                        "tokenizer, found model type 'Unigram'")):
+        CLIPTokenizer.from_folder(t5_folders["tokenizer.json"])
+
+
+def sentencepiece_pieces_only(model: bytes) -> bytes:
+    """The model with only its pieces: sentencepiece's own schema (sentencepiece_model.proto) serialises the
+    pieces first, so this is the file cut short right after them, as an interrupted download can be."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    proto.ClearField("trainer_spec")
+    proto.ClearField("normalizer_spec")
+    cut = proto.SerializeToString()
+    assert model.startswith(cut) and len(cut) < len(model)
+    return cut
+
+
+def sentencepiece_with_first_pieces(model: bytes, first: tuple[str, str, str]) -> bytes:
+    """The model with other texts for its first three pieces (T5's are <pad>, </s>, <unk>)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    for piece, text in zip(proto.pieces, first):
+        piece.piece = text
+    return proto.SerializeToString()
+
+
+CORRUPT_SPIECE = {
+    "empty": lambda model: b"",
+    "random-bytes": lambda model: random.Random(0).randbytes(len(model)),
+    "git-lfs-pointer": lambda model: f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize {len(model)}\n".encode(),
+    "cut-in-half": lambda model: model[: len(model) // 2],
+    "cut-after-the-pieces": sentencepiece_pieces_only,
+}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPT_SPIECE.values(), ids=CORRUPT_SPIECE.keys())
+def test_corrupt_spiece_model(tmp_path, t5_folders, corrupt):
+    model = (t5_folders["spiece.model"] / "spiece.model").read_bytes()
+    (tmp_path / "spiece.model").write_bytes(corrupt(model))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'spiece.model'}: not ")):
+        T5Tokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize("first, expected", [
+    (("<unk>", "<s>", "</s>"), "the special token '<pad>' is not in the vocabulary"),  # sentencepiece's defaults
+    (("<pad>", "<unk>", "</s>"), "a T5 vocabulary starts with ('<pad>', '</s>', '<unk>') (ids 0, 1, 2)"),
+], ids=["sentencepiece-defaults", "swapped"])
+def test_spiece_model_without_t5_conventions(tmp_path, t5_folders, first, expected):
+    model = (t5_folders["spiece.model"] / "spiece.model").read_bytes()
+    (tmp_path / "spiece.model").write_bytes(sentencepiece_with_first_pieces(model, first))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: {expected}")):
+        T5Tokenizer.from_folder(tmp_path)
+
+
+def edit_json(path, change):
+    content = json.loads(path.read_text(encoding="utf-8"))
+    change(content)
+    path.write_text(json.dumps(content), encoding="utf-8")
+
+
+CORRUPT_TOKENIZER_JSON = {
+    "cut-short": (lambda path: path.write_text(path.read_text(encoding="utf-8")[:5000], encoding="utf-8"), "not valid JSON"),
+    "not-utf8": (lambda path: path.write_bytes(random.Random(0).randbytes(1000)), "not valid JSON"),
+    "not-an-object": (lambda path: path.write_text("[]"), "expected a JSON object, got list"),
+    "wrong-model-type": (lambda path: edit_json(path, lambda content: content["model"].update(type="WordPiece")),
+                         "expected a Unigram tokenizer, found model type 'WordPiece'"),
+    "no-model": (lambda path: edit_json(path, lambda content: content.pop("model")), "expected a Unigram tokenizer, found model type None"),
+    "no-vocab": (lambda path: edit_json(path, lambda content: content["model"].pop("vocab")), "the Unigram model has no vocab"),
+}
+
+
+@pytest.mark.parametrize("corrupt, expected", CORRUPT_TOKENIZER_JSON.values(), ids=CORRUPT_TOKENIZER_JSON.keys())
+def test_corrupt_tokenizer_json(tmp_path, t5_folders, corrupt, expected):
+    folder = shutil.copytree(t5_folders["tokenizer.json"], tmp_path / "tokenizer_2")
+    corrupt(folder / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'tokenizer.json'}: {expected}")):
+        T5Tokenizer.from_folder(folder)
+
+
+@pytest.mark.parametrize("file", ["vocab.json", "merges.txt", "tokenizer_config.json"])
+def test_corrupt_clip_files(tmp_path, clip_folder, file):
+    folder = shutil.copytree(clip_folder, tmp_path / "tokenizer")
+    (folder / file).write_bytes(random.Random(0).randbytes(1000))
+    with pytest.raises(CheckpointError, match=re.escape(str(folder)) + ".*" + re.escape(file)):
+        CLIPTokenizer.from_folder(folder)
+
+
+@pytest.mark.parametrize("prompts, culprit", [(None, "prompts"), (42, "prompts"), ({"a": 1}, "prompts"), ([1], r"prompts\[0\]"),
+                                              (["fine", None], r"prompts\[1\]"), ([b"bytes"], r"prompts\[0\]")])
+@pytest.mark.parametrize("name", ["t5", "clip"])
+def test_non_str_prompt(request, name, prompts, culprit):
+    tokenizer, _ = ours_and_reference(request, name, 8)
+    with pytest.raises(TypeError, match=rf"^{culprit} must be"):
+        tokenizer(prompts)
+
+
+@pytest.mark.parametrize("prompts, culprit", [("\ud800", 0), (["fine", "a\udfffb"], 1)])
+@pytest.mark.parametrize("name", ["t5", "clip"])
+def test_lone_surrogate_prompt(request, name, prompts, culprit):
+    tokenizer, _ = ours_and_reference(request, name, 8)
+    with pytest.raises(ValueError, match=rf"^prompts\[{culprit}\] is not valid Unicode"):
+        tokenizer(prompts)
+
+
+@pytest.mark.parametrize("max_length", [1, 0, -5, 8.0, True, "256"])
+def test_t5_max_length_too_small_or_not_an_integer(t5, t5_folders, max_length):
+    """T5 needs room for </s> and one token; CLIP (below) for its two markers and one."""
+    with pytest.raises(ValueError, match="max_length must be an integer above 1"):
+        T5Tokenizer.from_folder(t5_folders["spiece.model"], max_length=max_length)
+    with pytest.raises(ValueError, match="max_length must be an integer above 1"):
+        t5["spiece.model", 256](PROMPTS["plain"], max_length=max_length)
+
+
+@pytest.mark.parametrize("max_length", [2, 1, 77.0])
+def test_clip_max_length_too_small_or_not_an_integer(clip_folder, max_length):
+    with pytest.raises(ValueError, match="max_length must be an integer above 2"):
+        CLIPTokenizer.from_folder(clip_folder, max_length=max_length)
