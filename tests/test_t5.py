@@ -243,3 +243,22 @@ def test_missing_pieces_are_named(snapshot, tmp_path):
     shutil.copytree(root / "tokenizer_2", tmp_path / "alone" / "tokenizer_2")
     with pytest.raises(CheckpointError, match="shape"):
         load_t5(tmp_path / "alone")
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float8_e4m3fn], ids=["fp16-file", "fp8-file"])
+def test_files_in_other_dtypes_convert_on_load(snapshot, tmp_path, tokenizer_folder, stored):
+    """A file stored in fp16 or fp8 loads into fp32: the same as the reference given the same rounded weights."""
+    root, reference = snapshot
+    rounded = {k: v.to(stored).contiguous() for k, v in reference.state_dict().items()}
+    (tmp_path / "text_encoder_2").mkdir()
+    save_file(rounded, tmp_path / "text_encoder_2" / "model.safetensors")
+    shutil.copy(root / "text_encoder_2" / "config.json", tmp_path / "text_encoder_2")
+    shutil.copytree(tokenizer_folder, tmp_path / "tokenizer_2")
+    twin = reference_model(TINY)
+    twin.load_state_dict({k: v.float() for k, v in rounded.items()})
+    t5 = load_t5(tmp_path, dtype=torch.float32)
+    assert t5.model.shared.weight.dtype == torch.float32
+    ids = token_ids()
+    with torch.no_grad():
+        error = relative_error(t5.encode(ids), twin(ids).last_hidden_state)
+    assert error <= 1e-5, f"max relative error {error:.2e}"
