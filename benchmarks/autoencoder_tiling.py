@@ -38,9 +38,18 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def total_memory_gb() -> float:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) / 2**20  # MemTotal, in KiB
+
+
 def in_subprocess(size: int, tile: bool, tiling: Tiling, dtype: str) -> dict:
     case = json.dumps({"size": size, "tile": tile, "tiling": [tiling.size, tiling.overlap], "dtype": dtype})
-    output = subprocess.run([sys.executable, __file__, "--case", case], check=True, capture_output=True, text=True)
+    output = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+    if output.returncode == -9:  # the kernel's out-of-memory killer: the case does not fit in this machine
+        return {"killed": True}
+    if output.returncode:
+        raise RuntimeError(f"case {case} failed:\n{output.stderr}")
     return json.loads(output.stdout)
 
 
@@ -66,6 +75,9 @@ def main():
                 continue  # a single tile: the same computation as the whole image
             result = in_subprocess(size, tile, tiling, args.dtype)
             mode = f"tiled {tiling.size} px, overlap {tiling.overlap}" if tile else "whole image"
+            if result.get("killed"):
+                print(f"| {size}² | {mode} | – | killed: out of memory ({total_memory_gb():.0f} GB machine) | – |", flush=True)
+                continue
             print(f"| {size}² | {mode} | {result['seconds']:.1f} | {result['peak_gb']:.2f} | "
                   f"{result['peak_gb'] - result['baseline_gb']:.2f} |", flush=True)
 

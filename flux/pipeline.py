@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from flux import lora
 from flux.checkpoint import CheckpointError
 from flux.configs import SamplingDefaults, configs
 from flux.loading import WEIGHTS_HELP, load_autoencoder, load_clip, load_flow_model, load_t5
@@ -34,7 +35,6 @@ class Pipeline:
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
         self.dtype = next(model.parameters()).dtype
-        self._loras = []
         if not offload:
             for module in (model, ae, t5, clip):
                 module.to(self.device)
@@ -59,6 +59,15 @@ class Pipeline:
             clip=load_clip(root, device=load_device, dtype=dtype),
             defaults=defaults, device=device, offload=offload, source=root,
         )
+
+    def load_lora(self, path, *, strength: float = 1.0) -> list[str]:
+        """Adds a LoRA file (diffusers, kohya, Black Forest Labs, XLabs or OneTrainer keys) to the transformer,
+        un-merged, at `strength`; returns the layers it changes. Several may be loaded; see `flux.lora`."""
+        return lora.load_lora(self.model, path, strength=strength)
+
+    def unload_lora(self) -> None:
+        """Removes every LoRA from the transformer, leaving its weights exactly as loaded."""
+        lora.unload_lora(self.model)
 
     @torch.inference_mode()
     def __call__(

@@ -200,3 +200,21 @@ def test_cli_user_errors_exit_with_2_and_one_line(tiny_snapshot, tmp_path, capsy
 def test_cli_missing_model_says_where_the_weights_come_from(tmp_path, capsys):
     assert main(["generate", "a cat", "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.png"), "--quiet"]) == 2
     assert "weights/README.md" in capsys.readouterr().err
+
+
+def test_pipeline_loads_and_unloads_a_lora(ours, tmp_path):
+    """Pipeline.load_lora is flux.lora.load_lora on its transformer (tested against diffusers in test_lora.py)."""
+    from flux.lora import add_lora, save_lora, unload_lora
+
+    before = ours("a cat", height=32, width=32, seed=3, num_steps=2, output_type="latent", progress=False)
+    for parameter in add_lora(ours.model, rank=4):
+        torch.nn.init.normal_(parameter, std=0.05)
+    save_lora(ours.model, tmp_path / "lora.safetensors", format="kohya")
+    unload_lora(ours.model)
+    changed = ours.load_lora(tmp_path / "lora.safetensors", strength=0.8)
+    assert changed and all(name.startswith(("double_blocks", "single_blocks")) for name in changed)
+    with_lora = ours("a cat", height=32, width=32, seed=3, num_steps=2, output_type="latent", progress=False)
+    ours.unload_lora()
+    after = ours("a cat", height=32, width=32, seed=3, num_steps=2, output_type="latent", progress=False)
+    assert (with_lora - before).abs().max() > 1e-3
+    assert torch.equal(after, before)
