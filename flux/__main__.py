@@ -1,4 +1,5 @@
 """The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
+`flux train ...` is `python -m flux.train ...` (see `flux train --help`).
 
 Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
 never a traceback.
@@ -34,10 +35,17 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     gen.add_argument("--offload", action="store_true", help="keep weights on the CPU; move each component to the device only while it runs")
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    # Listed for `flux --help`; `main` hands everything after `train` to flux.train, which has its own flags.
+    commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
     return main
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from flux.train import main as train
+
+        return train(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
     from PIL import Image, PngImagePlugin
