@@ -1,0 +1,499 @@
+"""Builds weights/flux-tiny, the small built-in FLUX model, from nothing: `python weights/build_flux_tiny.py`.
+
+Every part is made here, with the library's own modules and training code, from the procedural data set of
+captioned shapes (`flux.shapes`):
+
+  1. tokenizers    T5's sentencepiece model and CLIP's BPE files, from the caption vocabulary;
+  2. text          small T5 and CLIP text encoders with frozen random weights (FLUX's encoders are frozen
+                   too: the transformer learns to read whatever they produce);
+  3. ae            a small autoencoder with the official structure and 16 latent channels, built so that
+                   its latents are the pictures' colours at 1/16 size (see the note before `build_autoencoder`);
+  4. cache         the training set's latents and caption encodings, computed once;
+  5. flow          the FLUX transformer (head dim 128, rotary axes (16, 56, 56), schnell-style: no guidance
+                   embedding), trained with `flux.training.rectified_flow_loss`;
+  6. decoder       the autoencoder's decoder, trained to sharpen its blocky start (independent of 4-5: it
+                   may run beside them, `--stage decoder`);
+  7. export        the transformer's averaged (EMA) weights and the files that describe the repository.
+
+The output is laid out like the official repository (weights/README.md) and loads with
+`flux.Pipeline.from_pretrained`. Stages can be run one at a time (`--stage ae`); each skips work whose output
+already exists, and the flow stage resumes from its last checkpoint in `--work`. Everything is seeded.
+"""
+
+import argparse
+import io
+import json
+import math
+import random
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from flux import shapes
+from flux.autoencoder import AutoEncoder, AutoEncoderParams
+from flux.clip import CLIPTextConfig, CLIPTextModel
+from flux.configs import FLUX_SCHNELL, SamplingDefaults
+from flux.loading import load_autoencoder, load_clip, load_t5
+from flux.model import Flux
+from flux.t5 import T5Config, T5Encoder
+from flux.training import encode_captions, encode_images, rectified_flow_loss, sample_timesteps
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("tokenizers", "text", "ae", "cache", "flow", "decoder", "export")
+
+IMAGE_SIZE = 64  # pixels; 8×8 latents, 16 image tokens
+MAX_SEQUENCE_LENGTH = 16  # T5 tokens: the longest caption has 13 (12 words and </s>)
+T5_CONFIG = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                 relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   max_position_embeddings=77, layer_norm_eps=1e-5)
+# Four levels (8× downsampling) and 16 latent channels as in FLUX, one ResNet block per level instead of two,
+# and widths (64, 32, 32, 64) instead of (128, 256, 512, 512). The two ends are the widest because GroupNorm(32)
+# over 32 channels is an instance norm: it erases each channel's mean over the picture, which for a flat
+# background is its colour. The norms right before the latents (encoder, last level) and before the output
+# pixels (decoder, first level) need at least two channels per group to pass colours on.
+AE_PARAMS = AutoEncoderParams(resolution=IMAGE_SIZE, ch=32, ch_mult=(2, 1, 1, 2), num_res_blocks=1)
+# FLUX's architecture with one head of the real head dim (128) and rotary axes (16, 56, 56), one double- and
+# two single-stream blocks; schnell-style, without a guidance embedding.
+FLOW_PARAMS = replace(FLUX_SCHNELL, vec_in_dim=CLIP_CONFIG["hidden_size"], context_in_dim=T5_CONFIG["d_model"],
+                      hidden_size=128, num_heads=1, depth=1, depth_single_blocks=2, guidance_embed=False)
+SAMPLING = SamplingDefaults(num_steps=8, guidance=None, shift_schedule=False,
+                            max_sequence_length=MAX_SEQUENCE_LENGTH, image_size=IMAGE_SIZE)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--out", type=Path, default=HERE / "flux-tiny")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "flux-tiny-build",
+                        help="caches and training checkpoints (not shipped)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ae-steps", type=int, default=240)
+    parser.add_argument("--flow-steps", type=int, default=4000)
+    parser.add_argument("--decoder-steps", type=int, default=200)
+    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--force", action="store_true", help="redo the chosen stage(s) even if their output exists")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        start = time.perf_counter()
+        print(f"== {stage}", flush=True)
+        globals()[f"stage_{stage}"](args)
+        print(f"== {stage}: {time.perf_counter() - start:.0f} s", flush=True)
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"== done in {time.perf_counter() - total:.0f} s; {args.out} holds {size / 2**20:.1f} MiB", flush=True)
+    return 0
+
+
+def seeded(seed: int, stage: str) -> int:
+    """A separate, fixed seed per stage, so one stage can be rerun alone and still give the same result."""
+    torch.manual_seed(seed * 1000 + STAGES.index(stage))
+    return seed * 1000 + STAGES.index(stage)
+
+
+# ---- 1. tokenizers -----------------------------------------------------------------------------------
+
+def stage_tokenizers(args) -> None:
+    """T5's `spiece.model` (+ `tokenizer.json`) and CLIP's `vocab.json` + `merges.txt`, from the captions."""
+    if (args.out / "tokenizer_2" / "spiece.model").is_file() and not args.force:
+        print("exists, skipped")
+        return
+    import sentencepiece as spm
+
+    from flux.tokenizers import T5Tokenizer
+
+    rng = random.Random(seeded(args.seed, "tokenizers"))
+    captions = [shapes.random_caption(shapes.random_scene(rng), rng) for _ in range(20_000)]
+    folder = args.out / "tokenizer_2"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(args.seed)
+    # T5's conventions: <pad> 0, </s> 1, <unk> 2, no <s>. A unigram model big enough that every caption
+    # word is one piece; other words fall apart into letters. nmt_nfkc is T5's normalisation.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=46, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2)
+    (folder / "spiece.model").write_bytes(with_whole_words(model.getvalue(), shapes.vocabulary()))
+    write_json(folder / "tokenizer_config.json", dict(
+        tokenizer_class="T5Tokenizer", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=100,
+        model_max_length=MAX_SEQUENCE_LENGTH))
+    write_json(folder / "special_tokens_map.json", dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>"))
+    # tokenizer.json, the `tokenizers` library's file for the same vocabulary (the official folder has both).
+    T5Tokenizer.from_folder(folder).backend.save(str(folder / "tokenizer.json"))
+
+    folder = args.out / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_bpe(shapes.vocabulary())
+    write_json(folder / "vocab.json", vocab)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                   unk_token="<|endoftext|>")
+    write_json(folder / "tokenizer_config.json", dict(tokenizer_class="CLIPTokenizer", model_max_length=77,
+                                                      do_lower_case=True, **special))
+    write_json(folder / "special_tokens_map.json", special)
+    for word in shapes.vocabulary():  # one token each, or the encoders would see pieces of words
+        assert T5Tokenizer.from_folder(args.out / "tokenizer_2").backend.encode(word).ids.__len__() == 1, word
+
+
+def with_whole_words(model: bytes, words: list[str]) -> bytes:
+    """A sentencepiece model with a piece for each of `words` (as "▁word") that it lacks.
+
+    The unigram trainer keeps letters and word fragments when the corpus has this few words; we want one
+    token per caption word. Each piece gets the best score any piece has, so the Viterbi split always prefers
+    the whole word to two or more pieces. `ModelProto.pieces` is field 1, repeated: pieces appended at the
+    end of the message join the list (protobuf concatenates repeated fields), after the trained ones.
+    """
+    from flux.tokenizers import _read_sentencepiece_model
+
+    with tempfile.NamedTemporaryFile(suffix=".model") as file:
+        file.write(model)
+        file.flush()
+        pieces, _ = _read_sentencepiece_model(Path(file.name))
+    known = {piece for piece, _, _ in pieces}
+    best = max(score for _, score, kind in pieces if kind == 1)  # sentencepiece's NORMAL pieces
+    for word in words:
+        if "\u2581" + word in known:
+            continue
+        text = ("\u2581" + word).encode("utf-8")
+        entry = b"\x0a" + varint(len(text)) + text + b"\x15" + struct.pack("<f", best)  # {1: piece, 2: score}
+        model += b"\x0a" + varint(len(entry)) + entry
+    return model
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 integer: seven bits per byte, least significant first, high bit = more follow."""
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary (GPT-2's byte alphabet, as CLIP's) whose merges make each word one token."""
+    # Printable bytes stand for themselves, the others for code points from 256 on (GPT-2's bytes_to_unicode).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in words:  # left to right; a word's last symbol carries CLIP's end-of-word mark
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last, as in CLIP: the end of text has the largest id
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+# ---- 2. text encoders ------------------------------------------------------------------------------------
+
+def stage_text(args) -> None:
+    """Random, frozen T5 and CLIP encoders in the Hugging Face layout (config.json + model.safetensors)."""
+    if (args.out / "text_encoder_2" / "model.safetensors").is_file() and not args.force:
+        print("exists, skipped")
+        return
+    seeded(args.seed, "text")
+    t5_vocab = len(json.loads((args.out / "tokenizer_2" / "tokenizer.json").read_text())["model"]["vocab"])
+    t5 = T5Encoder(T5Config(vocab_size=t5_vocab, **T5_CONFIG))
+    clip_vocab = json.loads((args.out / "tokenizer" / "vocab.json").read_text())
+    eos = clip_vocab["<|endoftext|>"]
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_vocab), eos_token_id=eos, **CLIP_CONFIG))
+    for name, module, config in (
+        ("text_encoder_2", t5, dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=t5_vocab,
+                                    feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new",
+                                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                    **T5_CONFIG)),
+        ("text_encoder", clip, dict(architectures=["CLIPTextModel"], model_type="clip_text_model",
+                                    vocab_size=len(clip_vocab), hidden_act="quick_gelu", projection_dim=CLIP_CONFIG["hidden_size"],
+                                    bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+                                    **CLIP_CONFIG)),
+    ):
+        folder = args.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "config.json", config)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors")
+
+
+# ---- 3. autoencoder ------------------------------------------------------------------------------------
+# GroupNorm(32) sits on the main path twice, right before the latents (encoder.norm_out) and right before
+# the pixels (decoder.norm_out). It removes each group's mean and scale over the picture; for a picture of
+# flat colours that is the colours themselves, and a small autoencoder trained from random weights on this
+# machine's budget learns to pass them through it far too slowly (we tried: after 20 minutes it drew
+# coloured blobs). So the autoencoder is built, not trained, with one trained part (stage_decoder):
+#
+#   - every residual branch and the mid-block attention start at zero (conv2 and proj_out), so each block
+#     is its shortcut, and the main path is linear up to the norm;
+#   - the encoder averages 2×2 pixels at the first two downsamplings and moves each 2×2 neighbourhood into
+#     channels at the third (space to depth): latent channel 3·(2·row + column) + colour holds the mean colour
+#     of one 4×4-pixel quarter of the latent pixel's 8×8 patch, 12 channels in all (4 stay zero);
+#   - across each norm a value v travels as the pair (ε·v, −ε·v), the two channels of one group: their mean
+#     is zero, and their variance (ε² v² ≤ 1e-10) is negligible beside GroupNorm's eps (1e-6), so the norm
+#     only multiplies by 1/sqrt(eps); its weight undoes that, and the next convolution takes
+#     silu(v) − silu(−v) = v;
+#   - the decoder starts as nearest-neighbour upsampling of each latent pixel's mean colour.
+# The latents are the quarter means themselves, in [-1, 1]: the encoder's output is set so that
+# `AutoEncoder.encode`'s FLUX scale and shift (0.3611, 0.1159) map it back to them.
+EPSILON = 1e-5  # the pairs' scale: ε² v² ≪ the norms' eps 1e-6
+
+
+def build_autoencoder() -> AutoEncoder:
+    """The autoencoder described above, for AE_PARAMS' widths (64, 32, 32, 64)."""
+    p = AE_PARAMS
+    ae = AutoEncoder(p)
+    colours, quarters = range(3), range(12)
+    with torch.no_grad():
+        for module in ae.modules():  # residual branches and attention output to zero: every block is its shortcut
+            if hasattr(module, "conv2"):
+                module.conv2.weight.zero_(), module.conv2.bias.zero_()
+            if hasattr(module, "proj_out"):
+                module.proj_out.weight.zero_(), module.proj_out.bias.zero_()
+        encoder, decoder = ae.encoder, ae.decoder
+
+        def copy(conv, pairs, *, tap=(1, 1), scale=1.0):
+            """conv: output channel o <- scale × input channel i at kernel position `tap`, for (o, i) in pairs."""
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for out, into in pairs:
+                conv.weight[(out, into, *tap) if conv.weight.shape[-1] > 1 else (out, into, 0, 0)] = scale
+
+        def average(conv):  # a stride-2 downsampling: the mean of each 2×2 block (taps 0 and 1 of each side)
+            conv.weight.zero_(), conv.bias.zero_()
+            for c in colours:
+                conv.weight[c, c, :2, :2] = 0.25
+
+        copy(encoder.conv_in, [(c, c) for c in colours])
+        copy(encoder.down[0].block[0].nin_shortcut, [(c, c) for c in colours])
+        average(encoder.down[0].downsample.conv)
+        copy(encoder.down[1].block[0].nin_shortcut, [(c, c) for c in colours])
+        average(encoder.down[1].downsample.conv)
+        space_to_depth = [(3 * (2 * row + column) + c, c, row, column) for row in (0, 1) for column in (0, 1) for c in colours]
+        conv = encoder.down[2].downsample.conv
+        conv.weight.zero_(), conv.bias.zero_()
+        for out, into, row, column in space_to_depth:
+            conv.weight[out, into, row, column] = 1.0
+        nin = encoder.down[3].block[0].nin_shortcut  # 32 -> 64: quarter k as the pair (2k, 2k + 1)
+        nin.weight.zero_(), nin.bias.zero_()
+        for k in quarters:
+            nin.weight[2 * k, k] = EPSILON
+            nin.weight[2 * k + 1, k] = -EPSILON
+        encoder.norm_out.weight.fill_(1 / (EPSILON * 1000)), encoder.norm_out.bias.zero_()  # 1000 = 1/sqrt(eps)
+        conv = encoder.conv_out  # mean k = v / scale + shift, so that encode() returns v; log-variance -20
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.bias[: p.z_channels] = p.shift_factor
+        conv.bias[p.z_channels :] = -20.0
+        for k in quarters:
+            conv.weight[k, 2 * k, 1, 1] = 1 / p.scale_factor
+            conv.weight[k, 2 * k + 1, 1, 1] = -1 / p.scale_factor
+
+        # Decoder: conv_in turns z back into the quarters (channels 3..14) and their mean colour (0..2).
+        conv = decoder.conv_in
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for k in quarters:
+            conv.weight[3 + k, k, 1, 1] = p.scale_factor
+            conv.bias[3 + k] = -p.scale_factor * p.shift_factor
+            conv.weight[k % 3, k, 1, 1] = p.scale_factor / 4
+        for c in colours:
+            conv.bias[c] = -p.scale_factor * p.shift_factor
+        for level in decoder.up:
+            for block in level.block:
+                if not isinstance(block.nin_shortcut, torch.nn.Identity):
+                    width = min(block.nin_shortcut.weight.shape[:2])
+                    copy(block.nin_shortcut, [(c, c) for c in range(width)])
+            if not isinstance(level.upsample, torch.nn.Identity):
+                copy(level.upsample.conv, [(c, c) for c in range(level.upsample.conv.weight.shape[0])])
+        nin = decoder.up[0].block[0].nin_shortcut  # 32 -> 64: colour c as the pair (2c, 2c + 1)
+        nin.weight.zero_(), nin.bias.zero_()
+        for c in colours:
+            nin.weight[2 * c, c] = EPSILON
+            nin.weight[2 * c + 1, c] = -EPSILON
+        decoder.norm_out.weight.fill_(1 / (EPSILON * 1000)), decoder.norm_out.bias.zero_()
+        conv = decoder.conv_out
+        conv.weight.zero_(), conv.bias.zero_()
+        for c in colours:
+            conv.weight[c, 2 * c, 1, 1] = 1.0
+            conv.weight[c, 2 * c + 1, 1, 1] = -1.0
+    return ae
+
+
+def stage_ae(args) -> None:
+    """Builds the autoencoder (see above); the decoder is refined later, in stage_decoder."""
+    if (args.out / "ae.safetensors").is_file() and not args.force:
+        print("exists, skipped")
+        return
+    seeded(args.seed, "ae")  # the untouched convolutions inside the residual branches keep their random start
+    ae = build_autoencoder()
+    x, _ = shapes.make_dataset(64, seed=args.seed, image_size=IMAGE_SIZE)
+    with torch.no_grad():
+        latents = ae.encode(x)
+        error = (ae.decode(latents) - x).abs().mean().item()
+    print(f"built; latents mean {latents[:, :12].mean():+.3f} std {latents[:, :12].std():.3f}; "
+          f"reconstruction L1 {error:.4f}", flush=True)
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, args.out / "ae.safetensors")
+
+
+# ---- 4. cache ------------------------------------------------------------------------------------------
+
+def stage_cache(args) -> None:
+    """The training set through the frozen parts, loaded from the files just written, as the pipeline loads them."""
+    path = args.work / "cache.pt"
+    if path.is_file() and not args.force:
+        print("exists, skipped")
+        return
+    images, captions = shapes.make_dataset(args.train_images, seed=seeded(args.seed, "cache"), image_size=IMAGE_SIZE)
+    ae = load_autoencoder(args.out, dtype=torch.float32).to(memory_format=torch.channels_last)  # faster on CPUs
+    latents = encode_images(ae, images, batch_size=64)
+    print(f"latents {tuple(latents.shape)}, mean {latents.mean():+.3f}, std {latents.std():.3f}", flush=True)
+    t5 = load_t5(args.out, max_length=MAX_SEQUENCE_LENGTH, dtype=torch.float32)
+    clip = load_clip(args.out, dtype=torch.float32)
+    unique = sorted(set(captions))
+    txt, vec = encode_captions(t5, clip, unique, batch_size=256)
+    index = {caption: i for i, caption in enumerate(unique)}
+    torch.save(dict(latents=latents, txt=txt, vec=vec, caption_index=torch.tensor([index[c] for c in captions])), path)
+    print(f"{len(captions)} images, {len(unique)} distinct captions", flush=True)
+
+
+# ---- 5. flow -------------------------------------------------------------------------------------------
+
+def stage_flow(args) -> None:
+    """Trains the transformer with the rectified-flow loss; checkpoints every 100 steps and resumes from them."""
+    checkpoint_path = args.work / "flow.pt"
+    data = torch.load(args.work / "cache.pt")
+    latents, txt, vec, caption_index = data["latents"], data["txt"], data["vec"], data["caption_index"]
+    seed = seeded(args.seed, "flow")
+    model = Flux(FLOW_PARAMS)
+    ema = Flux(FLOW_PARAMS).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = 30
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1, (step + 1) / warmup)
+                                                 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.flow_steps))))
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    if checkpoint_path.is_file() and not args.force:
+        state = torch.load(checkpoint_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+        print(f"resumed at step {step}", flush=True)
+    print(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
+    batch, start, running = 32, time.perf_counter(), None
+    while step < args.flow_steps:
+        rows = torch.randint(0, len(latents), (batch,), generator=generator)
+        x0 = latents[rows]
+        noise = torch.randn(x0.shape, generator=generator)
+        # Uniform times: with a few sampling steps, the first one (from pure noise, t = 1) decides the layout,
+        # so the ends of the path must be trained as often as the middle.
+        t = sample_timesteps(batch, method="uniform", generator=generator)
+        loss = rectified_flow_loss(model, x0, txt[caption_index[rows]], vec[caption_index[rows]], t, noise=noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        decay = min(0.995, (1 + step) / (10 + step))  # short training: a short average, warmed up
+        with torch.no_grad():
+            for average, current in zip(ema.parameters(), model.parameters()):
+                average.lerp_(current, 1 - decay)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 25 == 0:
+            elapsed = time.perf_counter() - start
+            print(f"flow step {step:5d}  loss {running:.4f}  lr {schedule.get_last_lr()[0]:.1e}  {elapsed:.0f} s", flush=True)
+        if step % 100 == 0 or step == args.flow_steps:
+            torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                            schedule=schedule.state_dict(), generator=generator.get_state(), step=step),
+                       checkpoint_path.with_suffix(".tmp"))
+            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+
+# ---- 6. decoder ----------------------------------------------------------------------------------------
+
+def stage_decoder(args) -> None:
+    """Fine-tunes the autoencoder's decoder alone, the encoder (and so the cached latents
+    the transformer learns from) unchanged. Independent of the flow stage: the two may run side by side."""
+    done = args.work / "decoder.done"
+    if done.is_file() and not args.force:
+        print("exists, skipped")
+        return
+    seed = seeded(args.seed, "decoder")
+    rng, noise = random.Random(seed), torch.Generator().manual_seed(seed)
+    ae = load_autoencoder(args.out, dtype=torch.float32).to(memory_format=torch.channels_last)
+    # Trained: everything before the full-size level. Kept as built: that level, whose shortcut hands the
+    # colours to the norm as pairs, and the norm and convolution that read them out.
+    ae.requires_grad_(False)
+    trained = [ae.decoder.conv_in, ae.decoder.mid, *ae.decoder.up[1:]]
+    for module in trained:
+        module.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for module in trained for p in module.parameters()], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
+    start = time.perf_counter()
+    for step in range(args.decoder_steps):
+        batch, size = (4, IMAGE_SIZE) if step % 4 == 3 else (16, IMAGE_SIZE // 2)  # as in stage_ae
+        x, _ = shapes.make_dataset(batch, seed=rng.randrange(2**31), image_size=size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            latents = ae.encode(x)
+        # A little noise on the latents: the transformer's will not be exact.
+        reconstruction = ae.decode(latents + 0.05 * torch.randn(latents.shape, generator=noise))
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == args.decoder_steps - 1:
+            print(f"decoder step {step:4d}  l1 {F.l1_loss(reconstruction, x).item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, args.out / "ae.safetensors")
+    done.touch()
+
+
+# ---- 7. export -----------------------------------------------------------------------------------------
+
+def stage_export(args) -> None:
+    """The EMA transformer as the top-level single file, and the repository's description files."""
+    state = torch.load(args.work / "flow.pt")
+    print(f"exporting the transformer after {state['step']} steps", flush=True)
+    save_file({k: v.contiguous() for k, v in state["ema"].items()}, args.out / "flux1-tiny.safetensors")  # fp32: small
+    # The sampling defaults (read by flux.pipeline.sampling_defaults): the pipeline's own description.
+    write_json(args.out / "flux_defaults.json", asdict(SAMPLING))
+    # diffusers' pipeline description, as in the official repository. The transformer and autoencoder are the
+    # top-level single files (Black Forest Labs' layout), not diffusers folders, hence null.
+    write_json(args.out / "model_index.json", {
+        "_class_name": "FluxPipeline", "_diffusers_version": "0.35.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": [None, None], "vae": [None, None],
+    })
+    (args.out / "scheduler").mkdir(exist_ok=True)
+    write_json(args.out / "scheduler" / "scheduler_config.json", {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+        "use_dynamic_shifting": SAMPLING.shift_schedule, "base_shift": SAMPLING.base_shift,
+        "max_shift": SAMPLING.max_shift, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+    })
+
+
+def write_json(path: Path, content) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
