@@ -124,6 +124,10 @@ class AutoEncoder(nn.Module):
         if tile and (tiling.size % factor or tiling.overlap % factor):
             raise ValueError(f"Tiling size {tiling.size} and overlap {tiling.overlap} must be multiples of {factor} "
                              "image pixels, so that tiles fall on whole latent pixels")
+        # Channels-last memory order (B, H, W, C) through the network: the CPU's convolutions (oneDNN) run
+        # faster on it, about 1.15x for a whole decode, and GroupNorm, the nearest upsampling and the mid-block
+        # attention's "B C H W -> B 1 (H W) C" all take it as it is. The result goes back to the usual order.
+        x = x.contiguous(memory_format=torch.channels_last)
         outputs = []
         for batch in x.split(tiling.max_batch or len(x)):
             if tile:
@@ -132,7 +136,7 @@ class AutoEncoder(nn.Module):
                                      scale=factor if latent_input else 1 / factor))
             else:
                 outputs.append(network(batch))
-        return torch.cat(outputs)
+        return torch.cat(outputs).contiguous()
 
     @staticmethod
     def _check(x: Tensor, method: str, channels: int, multiple: int, expected: str):

@@ -12,6 +12,7 @@ Nothing is ever unpickled.
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -54,47 +55,63 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         try:
             header = json.loads(file.read(header_size).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, a 5000-digit number, nested too deep
             raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {error})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        metadata = header.pop("__metadata__", {})
+        if not (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())):
+            raise CheckpointError(f"{path}: malformed __metadata__ {metadata!r:.80} (the format allows a map of strings to "
+                                  "strings); the file is corrupt")
         data_start = 8 + header_size
         data_size = file_size - data_start
+        entries = {name: _check_entry(path, name, entry, data_size) for name, entry in header.items()}
+        _check_layout(path, entries, data_size)
         # A private (copy-on-write) map: tensors may be written in place (training) without touching the file.
         buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if file_size else None
-
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, begin, end = _check_entry(path, name, entry, data_size)
-        tensors[name] = _tensor_view(buffer, data_start + begin, data_start + end, dtype, shape)
-    return tensors
+    return {name: _tensor_view(buffer, data_start + begin, data_start + end, dtype, shape)
+            for name, (dtype, shape, begin, end) in entries.items()}
 
 
 def _check_entry(path: Path, name: str, entry, data_size: int):
     """Validates one header entry before anything is allocated for it."""
     where = f"{path}: tensor {name!r}"
+    if any("\ud800" <= character <= "\udfff" for character in name):  # JSON's "\\ud800" escapes allow them
+        raise CheckpointError(f"{where}: the name is not valid Unicode (a lone surrogate); the file is corrupt")
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: malformed header entry {entry!r}")
-    dtype = DTYPES.get(entry.get("dtype"))
+        raise CheckpointError(f"{where}: malformed header entry {entry!r:.80}")
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise CheckpointError(f"{where}: unsupported dtype {entry.get('dtype')!r} (known: {', '.join(DTYPES)})")
+        raise CheckpointError(f"{where}: unsupported dtype {entry.get('dtype')!r:.80} (known: {', '.join(DTYPES)})")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-        raise CheckpointError(f"{where}: malformed shape {shape!r}")
+        raise CheckpointError(f"{where}: malformed shape {shape!r:.80}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
-        raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+        raise CheckpointError(f"{where}: malformed data_offsets {offsets!r:.80}")
     begin, end = offsets
-    numel = 1
-    for n in shape:
-        numel *= n
-    if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+    # An empty tensor stores no bytes, so nothing else bounds its other dimensions; torch needs them to fit int64.
+    if math.prod(max(n, 1) for n in shape) >= 2**63:
+        raise CheckpointError(f"{where}: shape {shape} is too large for any tensor; the file is corrupt")
+    if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(
             f"{where}: its bytes [{begin}, {end}) do not fit shape {shape} of {entry['dtype']} in the file's "
             f"{data_size} data bytes; the file is truncated or corrupt, re-download it"
         )
     return dtype, shape, begin, end
+
+
+def _check_layout(path: Path, entries: dict, data_size: int) -> None:
+    """As the reference implementation requires: the tensors' bytes follow one another with no gap and no overlap
+    and fill the data exactly, so no byte belongs to two tensors or hides anything else (a polyglot file)."""
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin}, expected {position} (tensors "
+                                  "must follow one another, with no gap or overlap); the file is corrupt, re-download it")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{path}: its tensors fill {position} of its {data_size} data bytes; the file is corrupt, "
+                              "re-download it")
 
 
 def _tensor_view(buffer, begin: int, end: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -113,16 +130,17 @@ def read_sharded(index_path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{index_path}: index file not found")
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a valid index (expected JSON with a 'weight_map'): {error!r}") from None
+    except (ValueError, RecursionError, KeyError, TypeError) as error:  # ValueError: not UTF-8, not JSON
+        raise CheckpointError(f"{index_path}: not a valid index (expected JSON with a 'weight_map'): {error!r:.200}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
-    folder = index_path.parent.resolve()
+    folder = index_path.parent
     shards = {}
     for shard_name in sorted(set(weight_map.values())):
-        shard = (folder / shard_name).resolve()
-        # An index downloaded from anywhere must not make us read files outside its folder.
-        if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts or shard.parent != folder:
+        shard = folder / shard_name
+        # An index downloaded from anywhere names files beside it, nothing else. Checked on the name, not on the
+        # resolved path: in the Hugging Face cache every file is a symlink into the cache's blobs/ folder.
+        if Path(shard_name).name != shard_name or shard_name in ("", "..") or "\0" in shard_name:
             raise CheckpointError(f"{index_path}: shard {shard_name!r} is outside the index's folder; refusing to read it")
         if not shard.is_file():
             raise CheckpointError(f"{index_path}: shard {shard_name!r} is missing from {folder}; download it again")

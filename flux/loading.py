@@ -11,6 +11,7 @@ the file and the tensor for anything that does not fit.
 import dataclasses
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -209,9 +210,11 @@ def infer_flux_params(state_dict: dict[str, torch.Tensor], *, source) -> FluxPar
 
 
 def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str, source) -> int:
-    indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    if indices and indices != set(range(max(indices) + 1)):
-        raise CheckpointError(f"{source}: the {prefix} are not numbered 0..{max(indices)}: missing {sorted(set(range(max(indices) + 1)) - indices)}")
+    # At most 9 digits: a longer "index" is no block of any model (and a 5000-digit one would not even parse).
+    indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.(\d{{1,9}})\.", k))}
+    if indices and max(indices) != len(indices) - 1:  # distinct and from 0: all of 0..max, or some missing
+        missing = itertools.islice((i for i in itertools.count() if i not in indices), 8)  # not all up to the max
+        raise CheckpointError(f"{source}: the {prefix} are not numbered 0..{max(indices)}: missing {list(missing)}")
     return len(indices)
 
 
@@ -248,10 +251,7 @@ def read_autoencoder_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Pa
                                   f"config.json and diffusion_pytorch_model.safetensors ({WEIGHTS_HELP})")
     if path.is_file():
         return autoencoder_official_names(read_safetensors(path), source=path), path, {}
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON: {error}") from None
+    _, config = _read_model_config(path)
     return autoencoder_official_names(read_weights(path, "diffusion_pytorch_model"), source=path), path, config
 
 
@@ -344,6 +344,9 @@ def infer_autoencoder_params(state_dict: dict[str, torch.Tensor], config: dict, 
     flux = AutoEncoderParams()
     scale = config.get("scaling_factor") or flux.scale_factor
     shift = config.get("shift_factor") if config.get("shift_factor") is not None else flux.shift_factor
+    for name, value in (("scaling_factor", scale), ("shift_factor", shift)):
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise CheckpointError(f"{source}: config.json gives {name} = {value!r:.80}; expected a finite number")
     try:
         return AutoEncoderParams(**fields, scale_factor=scale, shift_factor=shift)
     except ValueError as error:
@@ -366,9 +369,11 @@ def load_t5(path, *, max_length=256, device="cpu", dtype=torch.bfloat16) -> T5:
     config = read_t5_config(folder)
     tokenizer_folder = _tokenizer_folder(folder, "tokenizer_2", ("tokenizer.json", "spiece.model"))
     tokenizer = T5Tokenizer.from_folder(tokenizer_folder, max_length=max_length)
+    _check_vocabulary_fits(tokenizer, config.vocab_size, tokenizer_folder=tokenizer_folder, folder=folder)
     state_dict = read_weights(folder, "model")
     # transformers ties the encoder's embedding to `shared`; files written with the tie unrolled store it twice.
     state_dict.pop("encoder.embed_tokens.weight", None)
+    _check_layer_count(state_dict, "encoder.block", config.num_layers, source=folder)
     with torch.device("meta"):
         model = T5Encoder(config)
     load_into(model, state_dict, source=folder, device=device, dtype=dtype)
@@ -384,11 +389,31 @@ def load_clip(path, *, device="cpu", dtype=torch.bfloat16) -> CLIP:
     config = read_clip_config(folder)
     tokenizer_folder = _tokenizer_folder(folder, "tokenizer", ("tokenizer.json", "vocab.json"))
     tokenizer = CLIPTokenizer.from_folder(tokenizer_folder, max_length=config.max_position_embeddings)
+    _check_vocabulary_fits(tokenizer, config.vocab_size, tokenizer_folder=tokenizer_folder, folder=folder)
     state_dict = clip_official_names(read_weights(folder, "model"), source=folder)
+    _check_layer_count(state_dict, "text_model.encoder.layers", config.num_hidden_layers, source=folder)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     load_into(model, state_dict, source=folder, device=device, dtype=dtype)
     return CLIP(model, tokenizer).eval().requires_grad_(False)
+
+
+def _check_vocabulary_fits(tokenizer, vocab_size: int, *, tokenizer_folder: Path, folder: Path) -> None:
+    """Every id the tokenizer can produce needs a row in the encoder's embedding, or the first prompt that
+    uses one fails deep inside the model."""
+    largest = max(tokenizer.backend.get_vocab(with_added_tokens=True).values())
+    if largest >= vocab_size:
+        raise CheckpointError(f"{tokenizer_folder}: the tokenizer's ids go up to {largest}, but {folder / 'config.json'} "
+                              f"gives the encoder {vocab_size} embeddings; the tokenizer and the model do not belong together")
+
+
+def _check_layer_count(state_dict: dict[str, torch.Tensor], prefix: str, declared: int, *, source: Path) -> None:
+    """Before the model is built: config.json may declare any number of layers, and building millions of them,
+    even on `meta`, takes minutes."""
+    found = _count_blocks(state_dict, re.escape(prefix), source)
+    if found != declared:
+        raise CheckpointError(f"{source}: config.json declares {declared} layers, but the weights hold {found} "
+                              f"({prefix}.0, ...); the two do not belong together")
 
 
 def clip_official_names(state_dict: dict[str, torch.Tensor], *, source: Path) -> dict[str, torch.Tensor]:
@@ -433,7 +458,7 @@ def _read_model_config(folder: Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{folder}: no config.json here ({WEIGHTS_HELP})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
         raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")

@@ -9,6 +9,8 @@ produces what diffusers' `FluxPipeline` produces (tests/test_pipeline.py).
 import contextlib
 import json
 import logging
+import math
+import numbers
 import os
 import random
 from dataclasses import replace
@@ -28,11 +30,16 @@ from flux.sampling import denoise, get_noise, get_schedule, image_ids, img2img_s
 log = logging.getLogger("flux")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_STEPS = 10_000
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1-dev was trained with 512, and diffusers refuses more
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class Pipeline:
-    def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device="cpu", offload=False, source=None):
+    def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device=None, offload=False, source=None):
+        """From loaded components. `device` None: where the transformer already is."""
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
+        device = next(model.parameters()).device if device is None else device
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
         self.dtype = next(model.parameters()).dtype
         if not offload:
@@ -81,30 +88,30 @@ class Pipeline:
         a list gives each image its own. `image` (PIL image(s) or a (B, 3, H, W) tensor in [0, 1]) with
         `strength` turns this into image-to-image. `callback(step, t, latents)` runs after every step.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
         width = self.defaults.image_size if width is None else width  # 1024 for the official models
         height = self.defaults.image_size if height is None else height
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
         guidance = self._check_arguments(prompts, width, height, num_steps, guidance, num_images_per_prompt,
-                                         strength, output_type, negative_prompt, true_cfg_scale, image)
+                                         strength, output_type, negative_prompt, true_cfg_scale, image,
+                                         max_sequence_length, callback)
         max_sequence_length = max_sequence_length or self.defaults.max_sequence_length
         batch = len(prompts) * num_images_per_prompt
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
             log.info("seed %d", seed)
-        seeds = [seed] * batch if isinstance(seed, int) else list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"got {len(seeds)} seeds for {batch} images; give one seed, or one per image")
+        seed, seeds = check_seeds(seed, batch)
+        self._check_memory(batch, height, width, max_sequence_length, decode=output_type != "latent")
 
         # The text encoders run once per call, before the loop; the loop sees only their outputs.
         txt, vec, mask = self._encode(prompts, num_images_per_prompt, max_sequence_length, t5_attention_mask)
         negative = None
         if negative_prompt is not None and true_cfg_scale > 1:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            negative_txt, negative_vec, _ = self._encode(negatives, num_images_per_prompt, max_sequence_length, False)
-            negative = (negative_txt, negative_vec)
+            # The negative prompt is encoded like the prompt, its own padding mask included.
+            negative = self._encode(negatives, num_images_per_prompt, max_sequence_length, t5_attention_mask)
 
-        noise = get_noise(batch, height, width, seed=seed if isinstance(seed, int) else seeds, device=self.device)
+        noise = get_noise(batch, height, width, seed=seed, device=self.device)
         x = pack(noise)
         timesteps = get_schedule(num_steps, x.shape[1], shift=self.defaults.shift_schedule,
                                  base_shift=self.defaults.base_shift, max_shift=self.defaults.max_shift)
@@ -138,19 +145,42 @@ class Pipeline:
         return images
 
     def _check_arguments(self, prompts, width, height, num_steps, guidance, num_images_per_prompt, strength,
-                         output_type, negative_prompt, true_cfg_scale, image):
+                         output_type, negative_prompt, true_cfg_scale, image, max_sequence_length, callback):
         """Every argument checked before any heavy work; returns the guidance to use."""
         check_request(prompts, width=width, height=height, num_steps=num_steps,
                       num_images_per_prompt=num_images_per_prompt, strength=strength, output_type=output_type,
-                      negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image)
+                      negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image,
+                      max_sequence_length=max_sequence_length)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be a function (step, t, latents) or None, got {callback!r:.80}")
         if not self.model.params.guidance_embed:
             if guidance is not None:
                 log.warning("this model has no guidance embedding (schnell-style); guidance=%s is ignored", guidance)
             return None
         guidance = self.defaults.guidance if guidance is None else guidance
-        if not (isinstance(guidance, (int, float)) and np.isfinite(guidance)):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        if not _is_number(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r:.80}")
+        # The model embeds 1000·guidance in its own dtype (as the official code): 65.5 is fp16's limit.
+        if 1000 * abs(guidance) > torch.finfo(self.dtype).max:
+            raise ValueError(f"guidance {guidance} is too large for a {self.dtype} model (1000·guidance must stay "
+                             f"below {torch.finfo(self.dtype).max:.0f}); FLUX.1-dev uses about 3.5")
         return float(guidance)
+
+    def _check_memory(self, batch, height, width, text_tokens, *, decode):
+        """Before anything is allocated: on the CPU, refuses a request whose activations would not fit in the free
+        memory, where the kernel's OOM killer would end this process or another; elsewhere (a clean
+        OutOfMemoryError) and above half of it, warns. `activation_bytes` errs high rather than low."""
+        needed = activation_bytes(self.model.params, self.ae, batch=batch, height=height, width=width,
+                                  text_tokens=text_tokens, itemsize=self.dtype.itemsize, decode=decode)
+        free = free_memory(self.device)
+        if free is None or needed <= free / 2:
+            return
+        message = (f"{batch} image(s) of {width}×{height} need about {needed / 2**30:.1f} GiB for activations, and "
+                   f"{self.device} has {free / 2**30:.1f} GiB free")
+        if needed > free and self.device.type == "cpu":
+            raise ValueError(f"{message}; ask for fewer or smaller images"
+                             + (", or output_type='latent' to skip decoding" if decode else ""))
+        log.warning("%s; this may run out of memory", message)
 
     def _encode(self, prompts, repeats, max_sequence_length, t5_attention_mask):
         """Prompts -> T5 states (B, T, 4096), CLIP pooled (B, 768), and the T5 padding mask or None."""
@@ -195,33 +225,105 @@ class Pipeline:
 
 
 def check_request(prompts, *, width, height, num_steps, num_images_per_prompt=1, strength=0.8, output_type="pil",
-                  negative_prompt=None, true_cfg_scale=1.0, image=None) -> None:
+                  negative_prompt=None, true_cfg_scale=1.0, image=None, max_sequence_length=None) -> None:
     """The checks that need no model: the `flux` command runs them before loading one. None (for width,
-    height, num_steps) means the model's default, checked later."""
+    height, num_steps, max_sequence_length) means the model's default, checked later. Booleans are not numbers
+    here, though Python counts True as 1."""
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+    if negatives is not None and not (isinstance(negatives, (list, tuple)) and all(isinstance(p, str) for p in negatives)):
+        raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r:.80}")
+    for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
+        for index, text in enumerate(texts):
+            if any("\ud800" <= character <= "\udfff" for character in text):  # e.g. from undecodable bytes
+                raise ValueError(f"{name} {index} is not valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)")
     for name, size in (("width", width), ("height", height)):
         if size is None:
             continue
-        if not isinstance(size, int) or size <= 0 or size % 16:
-            nearest = max(16, 16 * round(size / 16)) if isinstance(size, (int, float)) and size == size else 1024
-            raise ValueError(f"{name} must be a positive multiple of 16, got {size!r}; the nearest valid size is {nearest}")
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"num_steps must be an integer ≥ 1, got {num_steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+        if not _is_int(size) or size <= 0 or size % 16:
+            nearest = max(16, 16 * round(size / 16)) if _is_number(size) else 1024
+            raise ValueError(f"{name} must be a positive multiple of 16, got {size!r:.80}; the nearest valid size is {nearest}")
+    if num_steps is not None and not (_is_int(num_steps) and 1 <= num_steps <= MAX_STEPS):
+        raise ValueError(f"num_steps must be an integer ≥ 1 (and at most {MAX_STEPS}), got {num_steps!r:.80}")
+    if not (_is_int(num_images_per_prompt) and num_images_per_prompt >= 1):
+        raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r:.80}")
+    if not (_is_number(strength) and 0 < strength <= 1):
+        raise ValueError(f"strength must lie in (0, 1], got {strength!r:.80}")
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not (isinstance(true_cfg_scale, (int, float)) and true_cfg_scale == true_cfg_scale and true_cfg_scale >= 1):
-        raise ValueError(f"true_cfg_scale must be a number ≥ 1, got {true_cfg_scale!r}")
-    if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != len(prompts):
-        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r:.80}")
+    if not (_is_number(true_cfg_scale) and true_cfg_scale >= 1):
+        raise ValueError(f"true_cfg_scale must be a finite number ≥ 1, got {true_cfg_scale!r:.80}")
+    if max_sequence_length is not None and not (_is_int(max_sequence_length) and 1 < max_sequence_length <= MAX_SEQUENCE_LENGTH):
+        raise ValueError(f"max_sequence_length must be an integer in [2, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length!r:.80}")
+    if negatives is not None and not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
+        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
     if image is not None:
         count = image.shape[0] if isinstance(image, torch.Tensor) else len(image) if isinstance(image, (list, tuple)) else 1
         if count not in (1, len(prompts) * num_images_per_prompt):
             raise ValueError(f"got {count} images for {len(prompts)} prompt(s) × {num_images_per_prompt}; give one image, or one per output")
+
+
+def check_seeds(seed, batch: int) -> tuple:
+    """One seed, or one per image -> (the seed or list get_noise takes, the list of each image's seed)."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} images; give one seed, or one per image")
+    for value in seeds:
+        if not (_is_int(value) and SEED_RANGE[0] <= value <= SEED_RANGE[1]):
+            raise ValueError(f"a seed must be an integer in [-2**63, 2**64 - 1] (torch.Generator's range), "
+                             f"got {value!r:.80}")
+    seeds = [int(value) for value in seeds]
+    return (seeds if isinstance(seed, (list, tuple)) else seeds[0]), seeds
+
+
+def activation_bytes(params, ae, *, batch: int, height: int, width: int, text_tokens: int, itemsize: int,
+                     decode: bool) -> int:
+    """An estimate of the peak memory a generation needs beyond the weights, in bytes; meant to err high.
+
+    Per sample, the largest of three stages (docs/hardening.md compares it with measurements):
+      - the transformer, per token: four times a single-stream block's widest activation (q, k, v and the MLP
+        input, 3·hidden + mlp_hidden values) in the model's dtype, and the fp32 copies RoPE makes of q and k;
+        its attention adds no L² term, PyTorch's fused kernels run in O(L) memory;
+      - the decoder's convolutions, per pixel decoded at once (the image, or one tile when it tiles): eight
+        fp32 values per channel of its widest full-resolution layer (CPU kernels compute bf16 in fp32);
+      - the decoder's mid-block attention: three (L, L) fp32 matrices over the latent pixels, since PyTorch
+        takes its unfused path for the autoencoder's strided q, k, v;
+    plus 40 bytes per output pixel (fp32 pixels, their copies, the 8-bit image).
+    """
+    tokens = math.ceil(height / 16) * math.ceil(width / 16) + text_tokens
+    hidden = params.hidden_size
+    transformer = tokens * (4 * (3 * hidden + params.mlp_hidden_dim) * itemsize + 8 * hidden * 4)
+    if not decode:
+        return batch * transformer
+    pixels = height * width if height * width <= ae.tiling.auto_above else ae.tiling.size**2
+    widest = ae.params.ch * ae.params.ch_mult[min(1, len(ae.params.ch_mult) - 1)]
+    convolutions = 8 * pixels * widest * 4
+    attention = 3 * (pixels // ae.params.downsampling**2) ** 2 * 4
+    return batch * (max(transformer, convolutions, attention) + 40 * height * width)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: CUDA's count (with what PyTorch holds unused), Linux's MemAvailable for the CPU;
+    None where unknown."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (numpy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def sampling_defaults(root: Path, *, guidance_embed: bool) -> SamplingDefaults:
@@ -229,20 +331,50 @@ def sampling_defaults(root: Path, *, guidance_embed: bool) -> SamplingDefaults:
     defaults = configs["flux-dev" if guidance_embed else "flux-schnell"].sampling
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        try:
-            settings = json.loads(scheduler.read_text(encoding="utf-8"))
-            defaults = replace(defaults, shift_schedule=bool(settings.get("use_dynamic_shifting", defaults.shift_schedule)),
-                               base_shift=float(settings.get("base_shift", defaults.base_shift)),
-                               max_shift=float(settings.get("max_shift", defaults.max_shift)))
-        except (ValueError, AttributeError, TypeError) as error:
-            raise CheckpointError(f"{scheduler}: not a valid scheduler config: {error}") from None
+        settings = _read_json_object(scheduler)
+        defaults = replace(defaults, shift_schedule=settings.get("use_dynamic_shifting", defaults.shift_schedule),
+                           base_shift=settings.get("base_shift", defaults.base_shift),
+                           max_shift=settings.get("max_shift", defaults.max_shift))
+        _check_defaults(scheduler, defaults)
     flux_settings = root / "flux_defaults.json"  # our own models state their sampling defaults here
     if flux_settings.is_file():
         try:
-            defaults = replace(defaults, **json.loads(flux_settings.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as error:
+            defaults = replace(defaults, **_read_json_object(flux_settings))
+        except TypeError as error:  # a field SamplingDefaults does not have
             raise CheckpointError(f"{flux_settings}: not a valid defaults file: {error}") from None
+        _check_defaults(flux_settings, defaults)
     return defaults
+
+
+# What a defaults file may say, field by field. The shifts are logarithms (the schedule scales times by e^mu),
+# FLUX's 0.5 and 1.15; the bound keeps out values (1e300, NaN) that break the schedule's exponential.
+DEFAULTS_RANGES = {
+    "num_steps": (lambda v: type(v) is int and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS}]"),
+    "guidance": (lambda v: v is None or _is_number(v), "a finite number, or null for a model without guidance"),
+    "shift_schedule": (lambda v: type(v) is bool, "true or false"),
+    "max_sequence_length": (lambda v: type(v) is int and 1 < v <= MAX_SEQUENCE_LENGTH,
+                            f"an integer in [2, {MAX_SEQUENCE_LENGTH}]"),
+    "base_shift": (lambda v: _is_number(v) and abs(v) <= 10, "a number in [-10, 10]"),
+    "max_shift": (lambda v: _is_number(v) and abs(v) <= 10, "a number in [-10, 10]"),
+    "image_size": (lambda v: type(v) is int and 0 < v and v % 16 == 0, "a positive multiple of 16"),
+}
+
+
+def _check_defaults(path: Path, defaults: SamplingDefaults) -> None:
+    for name, (valid, expected) in DEFAULTS_RANGES.items():
+        value = getattr(defaults, name)
+        if not valid(value):
+            raise CheckpointError(f"{path}: {name} = {value!r:.80} is not a valid sampling default (expected {expected})")
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
+        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def default_device() -> torch.device:
@@ -264,7 +396,8 @@ def resolve_snapshot(path) -> Path:
     if local.exists():
         return local
     repo_id = str(path)
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+    # "weights/FLUX.1-schnell" has a repo id's shape too: a first part that is a local folder marks a path.
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")) or local.parent.is_dir():
         raise CheckpointError(f"{path}: not found: no such folder, and not a repo id like 'black-forest-labs/FLUX.1-schnell' ({WEIGHTS_HELP})")
     cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub").expanduser()
     repo = cache / f"models--{repo_id.replace('/', '--')}"

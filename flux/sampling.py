@@ -97,14 +97,14 @@ def img2img_start(x0: Tensor, noise: Tensor, timesteps: list[float], strength: f
 def denoise(
     model: Flux, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: list[float], *,
     guidance: float | None = None, txt_mask: Tensor | None = None,
-    negative: tuple[Tensor, Tensor] | None = None, true_cfg_scale: float = 1.0,
+    negative: tuple[Tensor, Tensor, Tensor | None] | None = None, true_cfg_scale: float = 1.0,
     callback: Callable[[int, float, Tensor], None] | None = None, progress: Callable | None = None,
 ) -> Tensor:
     """Euler integration from `img` (B, N, 64) at timesteps[0] to timesteps[-1]; returns (B, N, 64) in fp32.
 
     `txt` (B, T, 4096) and `vec` (B, 768) are the T5 and CLIP conditioning. `guidance` is the distilled
     guidance scale fed to dev-style models (a model input, not classifier-free guidance). `negative`
-    = (txt, vec) of a negative prompt, with `true_cfg_scale` > 1, adds real classifier-free guidance: two
+    = (txt, vec, txt_mask or None) of a negative prompt, with `true_cfg_scale` > 1, adds real classifier-free guidance: two
     predictions per step, uncond + s·(cond − uncond). The latents are integrated in fp32 whatever the
     model's dtype; nothing in the loop waits on the device.
     """
@@ -116,8 +116,9 @@ def denoise(
         t_vec = torch.full((batch,), t_curr, device=img.device, dtype=dtype)
         velocity = model(x.to(dtype), img_ids, txt, txt_ids, t_vec, vec, guidance_vec, txt_mask=txt_mask).float()
         if negative is not None and true_cfg_scale > 1:
-            uncond = model(x.to(dtype), img_ids, negative[0], txt_ids[:, : negative[0].shape[1]], t_vec, negative[1],
-                           guidance_vec, txt_mask=txt_mask).float()
+            negative_txt, negative_vec, negative_mask = negative
+            uncond = model(x.to(dtype), img_ids, negative_txt, txt_ids[:, : negative_txt.shape[1]], t_vec, negative_vec,
+                           guidance_vec, txt_mask=negative_mask).float()
             velocity = uncond + true_cfg_scale * (velocity - uncond)
         x = x + (t_next - t_curr) * velocity
         if callback is not None:

@@ -54,9 +54,12 @@ class T5Tokenizer:
         _check_max_length(max_length, special_tokens=1)
         self.max_length = max_length
         self.pad_token_id, self.eos_token_id = 0, 1
-        backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-        if precompiled_charsmap:
-            backend.normalizer = normalizers.Precompiled(precompiled_charsmap)
+        try:
+            backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+            if precompiled_charsmap:
+                backend.normalizer = normalizers.Precompiled(precompiled_charsmap)
+        except Exception as error:  # the tokenizers library raises a bare Exception for data it cannot use
+            raise ValueError(f"the vocabulary or normalisation table is unusable ({error})") from None
         # Words are split on whitespace (so runs of it count once), and each gets sentencepiece's "▁" in front,
         # also the first word and a word right after a special token.
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -80,12 +83,19 @@ class T5Tokenizer:
         config = _read_config(folder)
         if (folder / "tokenizer.json").is_file():
             model, normalizer = _read_tokenizer_json(folder / "tokenizer.json", model_type="Unigram")
-            pieces = [(piece, float(score)) for piece, score in model["vocab"]]
-            precompiled_charsmap = _find_precompiled_charsmap(normalizer)
+            try:
+                pieces = [(piece, float(score)) for piece, score in model["vocab"]]
+            except (TypeError, ValueError):  # not a list of pairs, or a score that is no number
+                raise CheckpointError(f"{folder / 'tokenizer.json'}: the Unigram vocab must be a list of [piece, score] "
+                                      "pairs; re-download it") from None
+            precompiled_charsmap = _find_precompiled_charsmap(folder / "tokenizer.json", normalizer)
             kept_pieces = []
         elif (folder / "spiece.model").is_file():
             spm_pieces, precompiled_charsmap = _read_sentencepiece_model(folder / "spiece.model")
             extra_ids = config.get("extra_ids", 100)
+            if not (type(extra_ids) is int and 0 <= extra_ids <= 10_000):  # T5's is 100; a corrupt 10⁹ would not end
+                raise CheckpointError(f"{folder / 'tokenizer_config.json'}: extra_ids = {extra_ids!r:.80}, expected an "
+                                      "integer from 0 to 10000 (T5 has 100)")
             pieces = [(piece, score) for piece, score, _ in spm_pieces]
             pieces += [(f"<extra_id_{n}>", 0.0) for n in reversed(range(extra_ids))]
             # Control and user-defined pieces are matched whole, as sentencepiece itself does.
@@ -125,8 +135,11 @@ class CLIPTokenizer:
         self.pad_token_id = vocab[pad_token]
         # Each word's last symbol carries "</w>", so "a" inside a word and "a</w>" ending one are different
         # tokens. Every byte is in the vocabulary, so the unknown token is never used.
-        backend = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
-                                       end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+        try:
+            backend = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
+                                           end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+        except Exception as error:  # the tokenizers library raises a bare Exception for data it cannot use
+            raise ValueError(f"the vocabulary and merges do not fit together ({error})") from None
         # Unicode composition, every run of whitespace (tabs, newlines, U+3000 ...) to one space, lower case.
         # The original also stripped the ends; the pre-tokeniser drops all spaces anyway.
         backend.normalizer = normalizers.Sequence([
@@ -156,21 +169,28 @@ class CLIPTokenizer:
         config = _read_config(folder)
         if (folder / "tokenizer.json").is_file():
             model, _ = _read_tokenizer_json(folder / "tokenizer.json", model_type="BPE")
-            vocab = model["vocab"]
+            vocab = _check_vocab(folder / "tokenizer.json", model["vocab"])
             # tokenizers ≥ 0.20 writes merges as pairs, earlier versions as "left right" strings.
-            merges = [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+            try:
+                merges = [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+            except TypeError:  # not a list, or an entry neither a string nor a pair
+                raise CheckpointError(f"{folder / 'tokenizer.json'}: the BPE merges must be a list of pairs; "
+                                      "re-download it") from None
         else:
             missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
             if missing:
                 raise CheckpointError(f"{folder}: no CLIP tokenizer here (missing {' and '.join(missing)}; expected "
                                       "vocab.json and merges.txt, or tokenizer.json)")
+            _check_vocab(folder / "vocab.json", _read_json(folder / "vocab.json"))  # read_file drops bad entries
             try:
                 vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
             except Exception as error:  # the library raises a bare Exception for unreadable files
                 raise CheckpointError(f"{folder}: cannot read vocab.json / merges.txt ({error}); re-download them") from None
         special_tokens_map = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
         pad_token = config.get("pad_token") or special_tokens_map.get("pad_token") or "<|endoftext|>"
-        pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token  # a serialised AddedToken
+        pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token  # a serialised AddedToken
+        if not isinstance(pad_token, str):
+            raise CheckpointError(f"{folder}: the pad token {pad_token!r:.80} is not a string; re-download the configs")
         added_tokens = _added_tokens(folder, ["<|startoftext|>", "<|endoftext|>", pad_token], config, vocab)
         try:
             return cls(vocab=vocab, merges=merges, pad_token=pad_token, added_tokens=added_tokens, max_length=max_length)
@@ -238,7 +258,7 @@ def _check_folder(path, name: str, expected: str) -> Path:
 def _read_json(path: Path) -> dict:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
         raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
@@ -261,29 +281,53 @@ def _read_tokenizer_json(path: Path, *, model_type: str) -> tuple[dict, dict | N
     return model, content.get("normalizer")
 
 
-def _find_precompiled_charsmap(normalizer: dict | None) -> bytes | None:
+def _check_vocab(path: Path, vocab) -> dict[str, int]:
+    """A BPE vocabulary: token -> distinct ids ≥ 0. The tokenizers library silently drops entries that are not
+    integers and wraps ids past 2³², so a corrupt file would load with tokens missing or sharing an id."""
+    if not (isinstance(vocab, dict) and all(type(i) is int and 0 <= i < 2**32 for i in vocab.values())):
+        raise CheckpointError(f"{path}: the vocabulary must map each token to an integer id ≥ 0; re-download it")
+    if len(set(vocab.values())) != len(vocab):
+        raise CheckpointError(f"{path}: the vocabulary gives several tokens the same id; re-download it")
+    return vocab
+
+
+def _find_precompiled_charsmap(path: Path, normalizer) -> bytes | None:
     """sentencepiece's normalisation table inside a tokenizer.json normaliser (alone or in a Sequence). Any
     other normaliser there is ignored, as transformers 5 ignores it."""
-    candidates = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else [normalizer]
-    for candidate in candidates:
-        if candidate and candidate.get("type") == "Precompiled" and candidate.get("precompiled_charsmap"):
-            return base64.b64decode(candidate["precompiled_charsmap"])
+    sequence = isinstance(normalizer, dict) and normalizer.get("type") == "Sequence"
+    candidates = normalizer.get("normalizers") if sequence else [normalizer]
+    for candidate in candidates if isinstance(candidates, list) else []:
+        if isinstance(candidate, dict) and candidate.get("type") == "Precompiled" and candidate.get("precompiled_charsmap"):
+            try:
+                return base64.b64decode(candidate["precompiled_charsmap"], validate=True)
+            except (TypeError, ValueError) as error:  # binascii.Error is a ValueError
+                raise CheckpointError(f"{path}: the normalizer's precompiled_charsmap is not base64 ({error}); "
+                                      "re-download it") from None
     return None
+
+
+# An added token's flags and transformers' defaults for special tokens.
+ADDED_TOKEN_FLAGS = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
 
 
 def _added_tokens(folder: Path, contents: list[str], config: dict, vocab: dict[str, int]) -> list[AddedToken]:
     """`contents` and the tokens `tokenizer_config.json` lists in `added_tokens_decoder`, with its flags where
     it gives them (CLIP's says `normalized: true`: "<|ENDOFTEXT|>" is lower-cased first, then matched), else
     transformers' defaults for special tokens (matched as written)."""
-    listed = {entry["content"]: entry for entry in config.get("added_tokens_decoder", {}).values()}
+    entries = config.get("added_tokens_decoder", {})
+    if not (isinstance(entries, dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("content"), str)
+            and all(type(entry.get(flag, default)) is bool for flag, default in ADDED_TOKEN_FLAGS.items())
+            for entry in entries.values())):
+        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must map ids to entries with "
+                              "a string 'content' and true/false flags; re-download it")
+    listed = {entry["content"]: entry for entry in entries.values()}
     tokens = []
     for content in dict.fromkeys([*contents, *listed]):
         if content not in vocab:
             raise CheckpointError(f"{folder}: the special token {content!r} is not in the vocabulary")
         flags = listed.get(content, {})
-        tokens.append(AddedToken(content, single_word=flags.get("single_word", False), lstrip=flags.get("lstrip", False),
-                                 rstrip=flags.get("rstrip", False), normalized=flags.get("normalized", False),
-                                 special=flags.get("special", True)))
+        tokens.append(AddedToken(content, **{flag: flags.get(flag, default) for flag, default in ADDED_TOKEN_FLAGS.items()}))
     return tokens
 
 

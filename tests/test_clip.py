@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MANIFESTS, clip_tokenizer_files
+from snapshots import MANIFESTS, clip_tokenizer_files
 from safetensors.torch import save_file
 
 from flux import CheckpointError, load_clip

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flux import CheckpointError
 from flux.__main__ import main
 from flux.pipeline import Pipeline, resolve_snapshot
 from flux.sampling import pack
@@ -69,12 +70,15 @@ def test_dev_style_snapshot_matches_diffusers(tiny_dev_snapshot):
 def test_masked_t5_padding_makes_the_result_independent_of_the_padded_length(ours):
     """With `t5_attention_mask`, padding is invisible to T5 and to the joint attention, so padding a prompt to
     16 or to 48 tokens gives the same image; without it (the official behaviour) the padding changes it."""
-    def latents(length, mask):
+    def latents(length, mask, **negative):
         return ours("a red circle", height=32, width=32, num_steps=2, seed=4, max_sequence_length=length,
-                    t5_attention_mask=mask, output_type="latent", progress=False)
+                    t5_attention_mask=mask, output_type="latent", progress=False, **negative)
 
     torch.testing.assert_close(latents(16, True), latents(48, True), rtol=0, atol=1e-5)
     assert (latents(16, False) - latents(48, False)).abs().max() > 1e-3
+    # The negative prompt of true CFG is masked by its own padding, not the prompt's.
+    negative = dict(negative_prompt="a blue blue blue square", true_cfg_scale=2.0)
+    torch.testing.assert_close(latents(16, True, **negative), latents(48, True, **negative), rtol=0, atol=1e-5)
 
 
 def test_offload_gives_the_same_image(tiny_snapshot, ours):
@@ -108,6 +112,13 @@ def test_repo_id_resolves_from_the_hugging_face_cache(tiny_snapshot, tmp_path, m
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert resolve_snapshot("black-forest-labs/FLUX.1-tiny") == repo / "snapshots" / "0123abcd"
+
+
+def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path, monkeypatch):
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_snapshot("weights/FLUX.1-schnell")
 
 
 def test_a_repo_missing_from_the_cache_downloads_only_what_is_loaded(tmp_path, monkeypatch):

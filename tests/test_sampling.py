@@ -90,5 +90,5 @@ def test_euler_step_and_true_cfg_follow_their_formulas():
     out = denoise(model, img, ids, txt, tids, vec, [1.0, 0.25], callback=lambda i, tc, x: seen.append((i, tc)))
     torch.testing.assert_close(out, img - 0.75 * v)
     assert seen == [(0, 1.0)]
-    out = denoise(model, img, ids, txt, tids, vec, [1.0, 0.25], negative=(neg, vec), true_cfg_scale=3.0)
+    out = denoise(model, img, ids, txt, tids, vec, [1.0, 0.25], negative=(neg, vec, None), true_cfg_scale=3.0)
     torch.testing.assert_close(out, img - 0.75 * (u + 3.0 * (v - u)))

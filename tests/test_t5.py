@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import MANIFESTS, t5_spiece_model
+from snapshots import MANIFESTS, t5_spiece_model
 from safetensors.torch import save_file
 
 from flux import CheckpointError, load_t5

@@ -1,0 +1,130 @@
+"""A tiny but complete FLUX.1 repository snapshot, built from independent references (fixtures in conftest.py).
+
+Every component is made by the reference libraries (diffusers, transformers, sentencepiece) with random
+weights at small sizes, and saved as the official repository lays it out (manifests/README.md): diffusers'
+`FluxPipeline.save_pretrained` writes `model_index.json`, `scheduler/`, `text_encoder*/`, `tokenizer*/`,
+`transformer/` and `vae/`; the top-level `flux1-*.safetensors` and `ae.safetensors` in Black Forest Labs'
+layout are added next to them.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+MANIFESTS = next((p / "shared" / "manifests" for p in Path(__file__).resolve().parents if (p / "shared" / "manifests").is_dir()), None)
+
+WORDS = ("a red green blue yellow small large circle square triangle at the top bottom left right centre of "
+         "background photo cat dog on in with and painting sky over under").split()
+
+
+def clip_tokenizer_files(folder: Path) -> None:
+    """A small CLIP BPE vocabulary in the official file format (vocab.json + merges.txt)."""
+    # GPT-2's byte alphabet: printable bytes stand for themselves, the others for code points from 256 on.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in WORDS:  # merge each word left to right, the last piece carrying the end-of-word mark
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if f"{pieces[0]} {pieces[1]}" not in merges:
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                vocab.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(dict.fromkeys(vocab))}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def t5_spiece_model(folder: Path) -> None:
+    """A small sentencepiece unigram model with T5's conventions (pad 0, eos 1, unk 2, no bos)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=50,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   character_coverage=1.0, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+
+
+def build_tiny_snapshot(root: Path, *, dev: bool, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from flux.configs import TINY
+
+    params = replace(TINY, guidance_embed=dev)
+    # The official tokenizer folders hold vocab.json + merges.txt and spiece.model; transformers 5 saves
+    # only tokenizer.json, so the source files are written first and kept beside what it saves.
+    clip_tokenizer_files(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", model_max_length=77, pad_token="<|endoftext|>")
+    t5_spiece_model(root / "tokenizer_2")
+    tokenizer_2 = T5TokenizerFast.from_pretrained(root / "tokenizer_2", extra_ids=100)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=params.vec_in_dim, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=params.context_in_dim, d_kv=32, d_ff=80, num_layers=2, num_heads=3,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 64, 64], layers_per_block=2,
+                        latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=params.depth, num_single_layers=params.depth_single_blocks,
+        attention_head_dim=128, num_attention_heads=params.num_heads, joint_attention_dim=params.context_in_dim,
+        pooled_projection_dim=params.vec_in_dim, guidance_embeds=dev, axes_dims_rope=params.axes_dim)
+    with torch.no_grad():  # random everywhere: no zero-initialised layer may hide a path
+        for module in (text_encoder, text_encoder_2, vae, transformer):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0 if dev else 1.0, use_dynamic_shifting=dev, base_image_seq_len=256,
+        max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(root)
+    return root
+
+
+def add_official_single_files(root: Path, *, dev: bool) -> None:
+    """Black Forest Labs' layout next to diffusers': our loaders' names are the official ones (test_model.py
+    and test_autoencoder.py prove it against the manifests)."""
+    from safetensors.torch import save_file
+
+    from flux import load_autoencoder, load_flow_model
+
+    model = load_flow_model(root / "transformer", dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"flux1-{'dev' if dev else 'schnell'}.safetensors")
+    ae = load_autoencoder(root / "vae", dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, root / "ae.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory):
+    """A schnell-style snapshot with both transformer and autoencoder layouts."""
+    root = build_tiny_snapshot(tmp_path_factory.mktemp("FLUX.1-tiny-schnell"), dev=False)
+    add_official_single_files(root, dev=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dev_snapshot(tmp_path_factory):
+    root = build_tiny_snapshot(tmp_path_factory.mktemp("FLUX.1-tiny-dev"), dev=True)
+    add_official_single_files(root, dev=True)
+    return root
