@@ -65,7 +65,9 @@ HOSTILE_HEADERS = {  # header, data, what the error says; the safetensors librar
     "bytes after the last tensor": ({"a": entry(0, 4)}, b"\0" * 8, "its tensors fill 4 of its 8 data bytes"),
     "metadata that is no map of strings": ({"__metadata__": {"x": 1}, "a": entry(0, 4)}, b"\0" * 4, "malformed __metadata__"),
     "a name with a lone surrogate": (b'{"\\udcff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4,
-                                     "not valid Unicode"),
+                                     "its header is not JSON"),
+    "a NaN in the header": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": NaN}}', b"\0" * 4,
+                            "its header is not JSON"),
 }
 
 

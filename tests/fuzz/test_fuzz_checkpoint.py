@@ -133,7 +133,7 @@ def test_sharded_index(sharded_transformer, tmp_path, data):
                     [name.format(shard, folder=folder) for name in ODD_SHARD_NAMES])))
             elif edit == "symlink" and (folder / shard).exists():
                 target = data.draw(st.sampled_from(SYMLINK_TARGETS))
-                outside = root / "outside.safetensors"
+                outside = root / f"outside-{len(list(root.glob('outside-*')))}.safetensors"  # a new one each time
                 if target == "a copy outside":
                     shutil.copy(folder / shard, outside)
                 elif target == "garbage outside":
