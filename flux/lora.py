@@ -252,8 +252,15 @@ def _pairs_from_file(model: Flux, tensors: dict[str, Tensor], config: dict, *, s
             raise CheckpointError(f"{source}: {b_key!r} has shape {tuple(B.shape)}, but {where} with rank "
                                   f"{A.shape[0]} (from {a_key!r}) needs ({rows}, {A.shape[0]})")
         rank = A.shape[0]
+        if rank == 0:
+            raise CheckpointError(f"{source}: {a_key!r} has rank 0 (shape {tuple(A.shape)}): an empty LoRA layer; "
+                                  "the file is broken, re-export it")
         if "alpha" in roles:
-            scale = float(roles["alpha"][1].float()) / rank
+            alpha_key, alpha = roles["alpha"]
+            if alpha.numel() != 1 or not math.isfinite(alpha.float().item()):
+                raise CheckpointError(f"{source}: {alpha_key!r} must be one finite number, got a tensor of shape "
+                                      f"{tuple(alpha.shape)}" + (f" holding {alpha.float().item()}" if alpha.numel() == 1 else ""))
+            scale = alpha.float().item() / rank
         else:  # no alpha: the adapter config's, else alpha = rank (kohya's and diffusers' default)
             scale = _config_scale(config, stem, rank)
         B = B.float()
@@ -345,28 +352,53 @@ def _coalesce(pairs: list[Pair]) -> list[Pair]:
 
 
 def _adapter_config(path: Path) -> dict:
-    """PEFT's LoraConfig, which diffusers' save_lora_weights/save_lora_adapter put in the file's metadata."""
+    """PEFT's LoraConfig, which diffusers' save_lora_weights/save_lora_adapter put in the file's metadata,
+    with the fields we use checked: lora_alpha a number, alpha_pattern a map of regular expressions to numbers."""
     with safe_open(str(path), framework="pt") as file:
         raw = (file.metadata() or {}).get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
         config = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: its lora_adapter_metadata is not JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON, nested too deep, a 5000-digit number
+        raise CheckpointError(f"{path}: its lora_adapter_metadata is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its lora_adapter_metadata must be a JSON object (PEFT's LoraConfig), "
+                              f"got {type(config).__name__}")
     # A pipeline's file prefixes each component's fields ("transformer.lora_alpha"); a model's does not.
     config = {k.removeprefix("transformer."): v for k, v in config.items() if not k.startswith("text_encoder")}
     if config.get("use_dora"):
         raise CheckpointError(f"{path}: a DoRA adapter (use_dora in its config); only plain LoRA is supported")
-    return config
+
+    def check_alpha(value, field):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{path}: lora_adapter_metadata's {field} must be a finite number, got {value!r:.80}")
+
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise CheckpointError(f"{path}: lora_adapter_metadata's use_rslora must be true or false, got {config['use_rslora']!r:.80}")
+    if config.get("lora_alpha") is not None:
+        check_alpha(config["lora_alpha"], "lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{path}: lora_adapter_metadata's alpha_pattern must map module-name patterns to "
+                              f"alphas, got {patterns!r:.80}")
+    compiled = {}
+    for pattern, alpha in patterns.items():
+        check_alpha(alpha, f"alpha_pattern[{pattern!r:.80}]")
+        try:  # PEFT's rule: the pattern matches the end of the module name, at a dot
+            compiled[re.compile(rf"(.*\.)?({pattern})$")] = alpha
+        except re.error as error:
+            raise CheckpointError(f"{path}: lora_adapter_metadata's alpha_pattern key {pattern!r:.80} is not a "
+                                  f"regular expression ({error})") from None
+    return {**config, "alpha_pattern": compiled}
 
 
 def _config_scale(config: dict, stem: str, rank: int) -> float:
-    """alpha / rank from a PEFT config: alpha_pattern's first match (PEFT's rule: the pattern matches the
-    end of the module name, at a dot), else lora_alpha, else rank; rsLoRA divides by √rank instead."""
+    """alpha / rank from a checked PEFT config: alpha_pattern's first match, else lora_alpha, else rank;
+    rsLoRA divides by √rank instead."""
     name = stem.removeprefix("transformer.")
-    patterns = config.get("alpha_pattern") or {}
-    alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", name)), config.get("lora_alpha", rank))
+    alpha = next((a for p, a in config.get("alpha_pattern", {}).items() if p.match(name)), None)
+    alpha = alpha if alpha is not None else config.get("lora_alpha") if config.get("lora_alpha") is not None else rank
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 

@@ -325,19 +325,25 @@ def test_scheduler_settings_of_the_wrong_type(tmp_path):
         sampling_defaults(tmp_path, guidance_embed=True)
 
 
-# Bugs of flux/lora.py the fuzz suite found; reported to its owner rather than fixed here. Each still escapes
-# as a bare exception naming no file; strict, so the fix shows up here (then drop it from tests/fuzz/test_fuzz_lora.py's
-# KNOWN_LORA_BUGS too).
+# Bugs of flux/lora.py the fuzz suite found (each escaped as a bare exception naming no file), fixed: the
+# file is named, and what is wrong with it.
 LORA_A, LORA_B = "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight", "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight"
-LORA_BUGS = {
-    "an .alpha tensor of 3 elements": ({"transformer.transformer_blocks.0.attn.to_out.0.alpha": torch.ones(3)}, None),
-    "rank 0": ({LORA_A: torch.ones(0, 384), LORA_B: torch.ones(384, 0)}, None),
-    "adapter metadata a list": ({}, "[1]"),
-    "adapter metadata nested 100 000 deep": ({}, "[" * 100_000),
-    "adapter metadata with a 5000-digit number": ({}, '{"lora_alpha": ' + "9" * 5000 + "}"),
-    "lora_alpha a string": ({}, '{"lora_alpha": "8"}'),
-    "alpha_pattern a list": ({}, '{"alpha_pattern": [1]}'),
-    "alpha_pattern no regular expression": ({}, '{"alpha_pattern": {"(": 2}}'),
+LORA_BUGS = {  # the change, the metadata JSON, what the error says
+    "an .alpha tensor of 3 elements": ({"transformer.transformer_blocks.0.attn.to_out.0.alpha": torch.ones(3)}, None,
+                                       "must be one finite number, got a tensor of shape (3,)"),
+    "an infinite .alpha": ({"transformer.transformer_blocks.0.attn.to_out.0.alpha": torch.tensor(float("inf"))}, None,
+                           "holding inf"),
+    "rank 0": ({LORA_A: torch.ones(0, 384), LORA_B: torch.ones(384, 0)}, None, "has rank 0"),
+    "adapter metadata a list": ({}, "[1]", "must be a JSON object"),
+    "adapter metadata nested 100 000 deep": ({}, "[" * 100_000, "not valid JSON"),
+    "adapter metadata with a 5000-digit number": ({}, '{"lora_alpha": ' + "9" * 5000 + "}", "not valid JSON"),
+    "lora_alpha a string": ({}, '{"lora_alpha": "8"}', "lora_alpha must be a finite number, got '8'"),
+    "lora_alpha NaN": ({}, '{"lora_alpha": NaN}', "lora_alpha must be a finite number, got nan"),
+    "lora_alpha true": ({}, '{"lora_alpha": true}', "lora_alpha must be a finite number, got True"),
+    "alpha_pattern a list": ({}, '{"alpha_pattern": [1]}', "alpha_pattern must map"),
+    "alpha_pattern no regular expression": ({}, '{"alpha_pattern": {"(": 2}}', "is not a regular expression"),
+    "alpha_pattern to a string": ({}, '{"alpha_pattern": {"to_out": "2"}}', "alpha_pattern['to_out'] must be a finite number"),
+    "use_rslora a string": ({}, '{"use_rslora": "false"}', "use_rslora must be true or false"),
 }
 
 
@@ -346,22 +352,40 @@ def tiny_model(tiny_snapshot):
     return load_flow_model(tiny_snapshot / "flux1-schnell.safetensors", dtype=torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="flux/lora.py, reported (docs/hardening.md)",
-                   raises=(ValueError, ZeroDivisionError, AttributeError, RecursionError, TypeError, re.error))
 @pytest.mark.parametrize("case", LORA_BUGS)
-def test_lora_files_reported_not_fixed(tiny_model, tmp_path, case):
+def test_broken_lora_files_name_the_file(tiny_model, tmp_path, case):
     from flux.lora import unload_lora
 
-    tensors, adapter_metadata = LORA_BUGS[case]
+    tensors, adapter_metadata, message = LORA_BUGS[case]
     generator = torch.Generator().manual_seed(0)
     lora = {LORA_A: torch.randn(4, 384, generator=generator), LORA_B: torch.randn(384, 4, generator=generator), **tensors}
     path = tmp_path / "lora.safetensors"
     save_file(lora, path, metadata={"lora_adapter_metadata": adapter_metadata} if adapter_metadata else None)
     try:
-        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + re.escape(message)):
             load_lora(tiny_model, path)
     finally:
         unload_lora(tiny_model)
+
+
+def test_checked_adapter_config_still_scales(tiny_model, tmp_path):
+    """The checks keep PEFT's rules: alpha_pattern's match at a dot wins over lora_alpha, which wins over rank."""
+    from flux.lora import unload_lora
+
+    generator = torch.Generator().manual_seed(0)
+    lora = {LORA_A: torch.randn(4, 384, generator=generator), LORA_B: torch.randn(384, 4, generator=generator)}
+    scales = {}
+    for name, config in {"pattern": {"lora_alpha": 8, "alpha_pattern": {"attn.to_out.0": 2}},
+                         "alpha": {"lora_alpha": 8, "alpha_pattern": {"no_such_layer": 2}}, "rank": {}}.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(lora, path, metadata={"lora_adapter_metadata": json.dumps(config)})
+        try:
+            load_lora(tiny_model, path)
+            layer = tiny_model.double_blocks[0].img_attn.proj
+            scales[name] = [update.scale for update in layer.lora.updates]
+        finally:
+            unload_lora(tiny_model)
+    assert scales == {"pattern": [2 / 4], "alpha": [8 / 4], "rank": [4 / 4]}
 
 
 # --------------------------------------------------------------------------------------------------
