@@ -67,7 +67,9 @@ def main(argv=None) -> int:
         check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
                       num_images_per_prompt=args.num_images, strength=args.strength, image=image)
         model = args.model if args.model is not None else builtin_model()
-        pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload)
+        # One call per process: the text encoders are never needed again once the prompt is encoded.
+        pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload,
+                                        release_text_encoders=True)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                       guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
                       strength=args.strength, progress=not args.quiet)

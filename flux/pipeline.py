@@ -36,9 +36,16 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class Pipeline:
-    def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device=None, offload=False, source=None):
-        """From loaded components. `device` None: where the transformer already is."""
+    def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device=None, offload=False, source=None,
+                 release_text_encoders=False):
+        """From loaded components. `device` None: where the transformer already is. `release_text_encoders`
+        needs `source`, the folder they are read from again (see `from_pretrained`)."""
+        if release_text_encoders and source is None:
+            raise ValueError("release_text_encoders=True needs the folder to read the text encoders from again: "
+                             "pass source=, or load with Pipeline.from_pretrained")
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
+        self.release_text_encoders = release_text_encoders
+        self._text_encoder_dtype = next(clip.parameters()).dtype
         device = next(model.parameters()).device if device is None else device
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
         self.dtype = next(model.parameters()).dtype
@@ -47,12 +54,17 @@ class Pipeline:
                 module.to(self.device)
 
     @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=torch.bfloat16, offload=False) -> "Pipeline":
+    def from_pretrained(cls, path, *, device=None, dtype=torch.bfloat16, offload=False,
+                        release_text_encoders=False) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         The defaults (steps, guidance, schedule shift, T5 length) follow from what is loaded: a guidance
         embedding means dev-style sampling, as do the repository's scheduler settings when present.
         With `offload`, weights stay on the CPU and each component visits `device` only while it runs.
+        With `release_text_encoders`, T5 and CLIP are dropped once the prompts are encoded and read again from
+        the files at the next call (memory-mapped: a fraction of a second when the files are in the page
+        cache), so the peak memory holds the text encoders or the transformer, not both: for FLUX.1 in bf16,
+        about 9.5 GB less.
         """
         root = resolve_snapshot(path)
         device = torch.device(device) if device is not None else default_device()
@@ -64,7 +76,7 @@ class Pipeline:
             ae=load_autoencoder(root, device=load_device, dtype=dtype),
             t5=load_t5(root, max_length=defaults.max_sequence_length, device=load_device, dtype=dtype),
             clip=load_clip(root, device=load_device, dtype=dtype),
-            defaults=defaults, device=device, offload=offload, source=root,
+            defaults=defaults, device=device, offload=offload, source=root, release_text_encoders=release_text_encoders,
         )
 
     def load_lora(self, path, *, strength: float = 1.0) -> list[str]:
@@ -110,6 +122,9 @@ class Pipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             # The negative prompt is encoded like the prompt, its own padding mask included.
             negative = self._encode(negatives, num_images_per_prompt, max_sequence_length, t5_attention_mask)
+        if self.release_text_encoders:
+            # Their weights are views of memory maps: dropping the last reference unmaps them.
+            self.t5 = self.clip = None
 
         noise = get_noise(batch, height, width, seed=seed, device=self.device)
         x = pack(noise)
@@ -184,6 +199,11 @@ class Pipeline:
 
     def _encode(self, prompts, repeats, max_sequence_length, t5_attention_mask):
         """Prompts -> T5 states (B, T, 4096), CLIP pooled (B, 768), and the T5 padding mask or None."""
+        if self.t5 is None:  # released after the last call
+            device = "cpu" if self.offload else self.device
+            self.t5 = load_t5(self.source, max_length=self.defaults.max_sequence_length, device=device,
+                              dtype=self._text_encoder_dtype)
+            self.clip = load_clip(self.source, device=device, dtype=self._text_encoder_dtype)
         with self._on_device(self.t5):
             ids = self.t5.tokenize(prompts, max_length=max_sequence_length).to(self.device)
             mask = ids != self.t5.pad_token_id if t5_attention_mask else None

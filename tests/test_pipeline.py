@@ -1,7 +1,9 @@
 """The pipeline end to end against diffusers' `FluxPipeline` on the same tiny snapshot, and the `flux` command."""
 
+import gc
 import logging
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -86,6 +88,32 @@ def test_offload_gives_the_same_image(tiny_snapshot, ours):
     a = offloaded("a cat", height=32, width=32, seed=2, num_steps=2, output_type="np", progress=False)
     b = ours("a cat", height=32, width=32, seed=2, num_steps=2, output_type="np", progress=False)
     np.testing.assert_array_equal(a, b)
+
+
+def mapped_files() -> set[str]:
+    """The files this process has memory-mapped (Linux)."""
+    with open("/proc/self/maps") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+
+
+def test_released_text_encoders_are_unmapped_and_read_again(tiny_snapshot, ours, tmp_path):
+    snapshot = shutil.copytree(tiny_snapshot, tmp_path / "snapshot")  # files no other pipeline here maps
+    pipe = Pipeline.from_pretrained(snapshot, device="cpu", dtype=torch.float32, release_text_encoders=True)
+    t5_file = str((snapshot / "text_encoder_2" / "model.safetensors").resolve())
+    assert t5_file in mapped_files()  # fp32 on disk and in memory: the weights are views of the file's map
+    t5 = weakref.ref(pipe.t5)
+    first = pipe("a cat", height=32, width=32, seed=2, num_steps=2, output_type="np", progress=False)
+    gc.collect()
+    assert pipe.t5 is None and pipe.clip is None and t5() is None
+    assert t5_file not in mapped_files()
+    second = pipe("a cat", height=32, width=32, seed=2, num_steps=2, output_type="np", progress=False)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, ours("a cat", height=32, width=32, seed=2, num_steps=2, output_type="np", progress=False))
+
+
+def test_release_needs_a_source(tiny_snapshot, ours):
+    with pytest.raises(ValueError, match="release_text_encoders=True needs the folder"):
+        Pipeline(model=ours.model, ae=ours.ae, t5=ours.t5, clip=ours.clip, defaults=ours.defaults, release_text_encoders=True)
 
 
 def test_single_files_and_diffusers_folders_give_the_same_image(tiny_snapshot, tmp_path):
