@@ -33,7 +33,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    gen.add_argument("--offload", action="store_true", help="keep weights on the CPU; move each component to the device only while it runs")
+    # Bare --offload is "model", what it meant before "blocks" existed.
+    gen.add_argument("--offload", nargs="?", const="model", default=False, choices=["model", "blocks"],
+                     help="keep weights on the CPU: 'model' (or bare --offload) moves each component to the device only "
+                          "while it runs, 'blocks' also streams the transformer through it block by block")
+    gen.add_argument("--fp8", action="store_true", help="store the transformer's block weights in fp8 (float8_e4m3fn, "
+                     "about 12 GB for FLUX.1) and compute in --dtype (on a CPU without bf16 instructions: --dtype fp32)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     # Listed for `flux --help`; `main` hands everything after `train` to flux.train, which has its own flags.
     commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
         model = args.model if args.model is not None else builtin_model()
         # One call per process: the text encoders are never needed again once the prompt is encoded.
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload,
-                                        release_text_encoders=True)
+                                        release_text_encoders=True, fp8=args.fp8)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                       guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
                       strength=args.strength, progress=not args.quiet)

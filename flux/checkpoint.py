@@ -75,6 +75,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             for name, (dtype, shape, begin, end) in entries.items()}
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (a config, an index, a tokenizer file); anything else is a CheckpointError."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
+        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
 def _check_entry(path: Path, name: str, entry, data_size: int):
     """Validates one header entry before anything is allocated for it."""
     where = f"{path}: tensor {name!r}"
@@ -207,3 +218,44 @@ def load_into(
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def write_safetensors(path: str | os.PathLike, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors, *, metadata: dict[str, str] | None = None) -> None:
+    """Writes a `.safetensors` file one tensor at a time: `layout` {name: (shape, dtype)} in file order gives the
+    header, `tensors` yields (name, tensor) pairs in that order and may make each one as it is asked for.
+
+    `safetensors.torch.save_file` copies every tensor into one bytes object first, twice the model in memory;
+    here the peak is one tensor. The file appears under its name only once complete (written beside it, then
+    renamed), so a half-written file is never mistaken for a checkpoint. Byte order: the machine's, which is
+    little-endian, as the format requires, on every platform PyTorch runs on.
+    """
+    path = Path(path)
+    dtype_names = {dtype: name for name, dtype in DTYPES.items()}
+    header, position = {}, 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": dtype_names[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data then starts 8-byte aligned, as the reference writes it
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as file:
+            file.write(struct.pack("<Q", len(encoded)) + encoded)
+            expected = iter(layout.items())
+            for name, tensor in tensors:
+                want = next(expected, None)
+                if want is None or (name, tuple(tensor.shape), tensor.dtype) != (want[0], tuple(want[1][0]), want[1][1]):
+                    raise ValueError(f"{path}: got tensor {name!r} {tuple(tensor.shape)} {tensor.dtype}, expected the "
+                                     f"layout's next, {want[0] if want else 'none'!r} {want[1] if want else ''}")
+                flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+                file.write(flat.view(torch.uint8).numpy().data)  # the tensor's own bytes: no copy
+            missing = [name for name, _ in expected]
+            if missing:
+                raise ValueError(f"{path}: {len(missing)} tensor(s) of the layout were never given: {_names(missing)}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -8,17 +8,18 @@ floating dtype, fp8 included. Every model is built on `meta` and the file's tens
 the file and the tensor for anything that does not fit.
 """
 
+import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
-from flux.checkpoint import CheckpointError, load_into, read_safetensors, read_weights
+from flux.checkpoint import CheckpointError, load_into, read_json_object, read_safetensors, read_weights
 from flux.clip import CLIP, CLIPTextConfig, CLIPTextModel
 from flux.model import Flux, FluxParams
 from flux.t5 import T5, T5Config, T5Encoder
@@ -36,8 +37,16 @@ def load_flow_model(path, *, device="cpu", dtype=torch.bfloat16) -> Flux:
 
     The configuration (depths, width, channels, guidance embedding) is read off the weights, so
     community checkpoints of other depths and the 128/384-channel Fill/Canny/Depth variants load too.
+    fp8 files are converted to `dtype`, ComfyUI's scaled fp8 ones as weight · scale_weight. To keep them in
+    fp8 instead, `dtype=torch.float8_e4m3fn` stores the blocks' Linear weights in fp8 and the rest in bf16;
+    `flux.fp8.load_fp8_flow_model` does the same with the rest, and the arithmetic, in a dtype of your choice.
     """
+    from flux import fp8  # here rather than at the top: flux.fp8 builds on this module
+
+    if dtype == fp8.FP8:
+        return fp8.load_fp8_flow_model(path, device=device, dtype=torch.bfloat16)
     state_dict, source = read_flow_checkpoint(Path(path))
+    state_dict = fp8.dequantize_scaled(state_dict, source=source, dtype=dtype)
     params = infer_flux_params(state_dict, source=source)
     with torch.device("meta"):
         model = Flux(params)
@@ -374,7 +383,7 @@ def load_t5(path, *, max_length=256, device="cpu", dtype=torch.bfloat16) -> T5:
     # transformers ties the encoder's embedding to `shared`; files written with the tie unrolled store it twice.
     state_dict.pop("encoder.embed_tokens.weight", None)
     _check_layer_count(state_dict, "encoder.block", config.num_layers, source=folder)
-    with torch.device("meta"):
+    with shapes_only():
         model = T5Encoder(config)
     load_into(model, state_dict, source=folder, device=device, dtype=dtype)
     if dtype == torch.float16:  # as transformers loads T5 in fp16: these outputs overflow fp16 (see t5.py)
@@ -392,10 +401,24 @@ def load_clip(path, *, device="cpu", dtype=torch.bfloat16) -> CLIP:
     _check_vocabulary_fits(tokenizer, config.vocab_size, tokenizer_folder=tokenizer_folder, folder=folder)
     state_dict = clip_official_names(read_weights(folder, "model"), source=folder)
     _check_layer_count(state_dict, "text_model.encoder.layers", config.num_hidden_layers, source=folder)
-    with torch.device("meta"):
+    with shapes_only():
         model = CLIPTextModel(config)
     load_into(model, state_dict, source=folder, device=device, dtype=dtype)
     return CLIP(model, tokenizer).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Builds modules on `meta` (shapes, no memory) without nn.Embedding's random initialisation: on `meta`
+    its `normal_` runs a Python decomposition whose first call imports torch._dynamo, a second or more of
+    the load for values that `load_into` replaces anyway."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = reset
 
 
 def _check_vocabulary_fits(tokenizer, vocab_size: int, *, tokenizer_folder: Path, folder: Path) -> None:
@@ -456,13 +479,7 @@ def _read_model_config(folder: Path) -> tuple[Path, dict]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json here ({WEIGHTS_HELP})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
-        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return path, config
+    return path, read_json_object(path)
 
 
 def _config_from(path: Path, config: dict, cls, *, defaults: dict):

@@ -77,7 +77,7 @@ class Flux(nn.Module):
 
     def forward(
         self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-        guidance: Tensor | None = None, *, txt_mask: Tensor | None = None,
+        guidance: Tensor | None = None, *, txt_mask: Tensor | None = None, rope: Tensor | None = None,
     ) -> Tensor:
         """(B, N, in_channels) packed latents and (B, T, context_in_dim) T5 states -> (B, N, out_channels) velocity.
 
@@ -85,8 +85,10 @@ class Flux(nn.Module):
         lie in [0, 1] and in guidance-scale units, `y` (B, vec_in_dim) is CLIP's pooled output.
         `txt_mask` (B, T), True where a text token is real, is not part of the official model (which
         attends to T5's padding); it is there for research on masked conditioning.
+        `rope` is `self.rope(img_ids, txt_ids)` computed by the caller, once for all the steps that share
+        the positions (the sampler does); None computes it here.
         """
-        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, rope)
         # The modulation vector: one per sample, shared by every block.
         vec = self.time_in(timestep_embedding(timesteps, 256))
         if self.params.guidance_embed:
@@ -94,8 +96,7 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
 
         img, txt = self.img_in(img), self.txt_in(txt)
-        # Text tokens come first in the joint sequence, in the rotary table and in the mask alike.
-        rope = rope_table(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
+        rope = self.rope(img_ids, txt_ids) if rope is None else rope
         mask = joint_attention_mask(txt_mask, img.shape[1]) if txt_mask is not None else None
 
         for block in self.double_blocks:
@@ -106,12 +107,17 @@ class Flux(nn.Module):
         img = x[:, txt.shape[1]:]
         return self.final_layer(img, vec)
 
+    def rope(self, img_ids: Tensor, txt_ids: Tensor) -> Tensor:
+        """(B, N, 3) image and (B, T, 3) text positions -> (B, 1, T + N, D/2, 2, 2) rotations, for `forward`."""
+        # Text tokens come first in the joint sequence, in the rotary table and in the mask alike.
+        return rope_table(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
+
     def _run(self, block: nn.Module, *inputs):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
 
-    def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+    def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, rope):
         p = self.params
         expected = [("img", img, (None, None, p.in_channels)), ("txt", txt, (None, None, p.context_in_dim)),
                     ("img_ids", img_ids, (img.shape[0], img.shape[1], len(p.axes_dim))),
@@ -121,6 +127,9 @@ class Flux(nn.Module):
             if tensor.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, tensor.shape)):
                 want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
                 raise ValueError(f"Flux input {name!r} has shape {tuple(tensor.shape)}, expected {want}")
+        if rope is not None and rope.shape[:3] != (img.shape[0], 1, txt.shape[1] + img.shape[1]):
+            raise ValueError(f"rope has shape {tuple(rope.shape)}, expected ({img.shape[0]}, 1, "
+                             f"{txt.shape[1] + img.shape[1]}, ...): Flux.rope(img_ids, txt_ids) of these ids")
         if p.guidance_embed and guidance is None:
             raise ValueError("this model is guidance-distilled (FLUX.1-dev style): pass guidance, e.g. 3.5 per sample")
 

@@ -7,7 +7,6 @@ produces what diffusers' `FluxPipeline` produces (tests/test_pipeline.py).
 """
 
 import contextlib
-import json
 import logging
 import math
 import numbers
@@ -22,9 +21,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flux import lora
-from flux.checkpoint import CheckpointError
+from flux.checkpoint import CheckpointError, read_json_object
 from flux.configs import SamplingDefaults, configs
+from flux.fp8 import load_fp8_flow_model
 from flux.loading import WEIGHTS_HELP, load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.offload import offload_blocks
 from flux.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 
 log = logging.getLogger("flux")
@@ -43,33 +44,44 @@ class Pipeline:
         if release_text_encoders and source is None:
             raise ValueError("release_text_encoders=True needs the folder to read the text encoders from again: "
                              "pass source=, or load with Pipeline.from_pretrained")
+        _check_offload(offload)
+        offload = "model" if offload is True else offload  # True, from before "blocks" existed
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
         self.release_text_encoders = release_text_encoders
         self._text_encoder_dtype = next(clip.parameters()).dtype
         device = next(model.parameters()).device if device is None else device
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
-        self.dtype = next(model.parameters()).dtype
+        # The compute dtype, read off the first embedder: the blocks' weights may be stored in fp8 (flux.fp8).
+        self.dtype = model.img_in.weight.dtype
         if not offload:
             for module in (model, ae, t5, clip):
                 module.to(self.device)
+        if offload == "blocks":
+            offload_blocks(model, device=self.device)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=torch.bfloat16, offload=False,
-                        release_text_encoders=False) -> "Pipeline":
+                        release_text_encoders=False, fp8=False) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         The defaults (steps, guidance, schedule shift, T5 length) follow from what is loaded: a guidance
         embedding means dev-style sampling, as do the repository's scheduler settings when present.
-        With `offload`, weights stay on the CPU and each component visits `device` only while it runs.
+        `offload`: False keeps everything on `device`. "model" (or True) keeps the weights on the CPU, and each
+        component visits `device` only while it runs. "blocks" also streams the transformer block by block
+        (flux/offload.py): the device then holds its small parts and about two of its blocks.
         With `release_text_encoders`, T5 and CLIP are dropped once the prompts are encoded and read again from
         the files at the next call (memory-mapped: a fraction of a second when the files are in the page
         cache), so the peak memory holds the text encoders or the transformer, not both: for FLUX.1 in bf16,
         about 9.5 GB less.
+        With `fp8`, the transformer's block weights are stored in float8_e4m3fn (about 12 GB for FLUX.1, from any
+        file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/fp8.py).
         """
+        _check_offload(offload)
         root = resolve_snapshot(path)
         device = torch.device(device) if device is not None else default_device()
         load_device = "cpu" if offload else device
-        model = load_flow_model(root, device=load_device, dtype=dtype)
+        load_transformer = load_fp8_flow_model if fp8 else load_flow_model
+        model = load_transformer(root, device=load_device, dtype=dtype)
         defaults = sampling_defaults(root, guidance_embed=model.params.guidance_embed)
         return cls(
             model=model,
@@ -233,8 +245,9 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _on_device(self, module):
-        """With offload, `module` visits the device only while it runs, so peak memory is the largest component."""
-        if not self.offload:
+        """With offload, `module` visits the device only while it runs, so peak memory is the largest component.
+        With block offload the transformer is not moved here: its blocks visit the device by themselves."""
+        if not self.offload or (self.offload == "blocks" and module is self.model):
             yield
             return
         module.to(self.device)
@@ -337,6 +350,12 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def _check_offload(offload) -> None:
+    # `is` for the booleans: 0 and 1 are == False and True, and are refused like any other value.
+    if not (offload is False or offload is True or (isinstance(offload, str) and offload in ("model", "blocks"))):
+        raise ValueError(f"offload must be False, True, 'model' or 'blocks', got {offload!r:.80}")
+
+
 def _is_number(value) -> bool:
     """A finite int or float (numpy's included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -351,7 +370,7 @@ def sampling_defaults(root: Path, *, guidance_embed: bool) -> SamplingDefaults:
     defaults = configs["flux-dev" if guidance_embed else "flux-schnell"].sampling
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        settings = _read_json_object(scheduler)
+        settings = read_json_object(scheduler)
         defaults = replace(defaults, shift_schedule=settings.get("use_dynamic_shifting", defaults.shift_schedule),
                            base_shift=settings.get("base_shift", defaults.base_shift),
                            max_shift=settings.get("max_shift", defaults.max_shift))
@@ -359,7 +378,7 @@ def sampling_defaults(root: Path, *, guidance_embed: bool) -> SamplingDefaults:
     flux_settings = root / "flux_defaults.json"  # our own models state their sampling defaults here
     if flux_settings.is_file():
         try:
-            defaults = replace(defaults, **_read_json_object(flux_settings))
+            defaults = replace(defaults, **read_json_object(flux_settings))
         except TypeError as error:  # a field SamplingDefaults does not have
             raise CheckpointError(f"{flux_settings}: not a valid defaults file: {error}") from None
         _check_defaults(flux_settings, defaults)
@@ -385,16 +404,6 @@ def _check_defaults(path: Path, defaults: SamplingDefaults) -> None:
         value = getattr(defaults, name)
         if not valid(value):
             raise CheckpointError(f"{path}: {name} = {value!r:.80} is not a valid sampling default (expected {expected})")
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
-        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
 
 
 def default_device() -> torch.device:
@@ -451,9 +460,11 @@ def generate(prompt, *, model=None, **kwargs) -> list:
     """Prompt(s) -> list of PIL images, with a pipeline built once per model and kept for later calls.
 
     `model`: a FLUX.1 repository folder or a Hugging Face repo id; None uses the small built-in model.
-    `device`, `dtype` and `offload` choose how it loads; every other keyword goes to `Pipeline.__call__`.
+    `device`, `dtype`, `offload`, `release_text_encoders` and `fp8` choose how it loads; every other keyword goes
+    to `Pipeline.__call__`.
     """
-    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload") if key in kwargs}
+    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8")
+                    if key in kwargs}
     if model is None:
         model = builtin_model()
     key = (str(model), tuple(sorted((k, str(v)) for k, v in load_options.items())))

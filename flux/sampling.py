@@ -111,14 +111,19 @@ def denoise(
     batch, dtype = img.shape[0], next(model.parameters()).dtype
     x = img.float()
     guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=dtype) if model.params.guidance_embed else None
+    # The positions do not change from step to step, so neither does the rotary table: built once, here.
+    rope = model.rope(img_ids, txt_ids)
+    if negative is not None and true_cfg_scale > 1:
+        negative_txt, negative_vec, negative_mask = negative
+        negative_ids = txt_ids[:, : negative_txt.shape[1]]
+        negative_rope = rope if negative_ids.shape == txt_ids.shape else model.rope(img_ids, negative_ids)
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     for index, (t_curr, t_next) in enumerate(progress(steps) if progress else steps):
         t_vec = torch.full((batch,), t_curr, device=img.device, dtype=dtype)
-        velocity = model(x.to(dtype), img_ids, txt, txt_ids, t_vec, vec, guidance_vec, txt_mask=txt_mask).float()
+        velocity = model(x.to(dtype), img_ids, txt, txt_ids, t_vec, vec, guidance_vec, txt_mask=txt_mask, rope=rope).float()
         if negative is not None and true_cfg_scale > 1:
-            negative_txt, negative_vec, negative_mask = negative
-            uncond = model(x.to(dtype), img_ids, negative_txt, txt_ids[:, : negative_txt.shape[1]], t_vec, negative_vec,
-                           guidance_vec, txt_mask=negative_mask).float()
+            uncond = model(x.to(dtype), img_ids, negative_txt, negative_ids, t_vec, negative_vec, guidance_vec,
+                           txt_mask=negative_mask, rope=negative_rope).float()
             velocity = uncond + true_cfg_scale * (velocity - uncond)
         x = x + (t_next - t_curr) * velocity
         if callback is not None:

@@ -20,7 +20,6 @@ FLUX.1 code used) also ran ftfy and HTML unescaping, so it differed on prompts l
 """
 
 import base64
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-from flux.checkpoint import CheckpointError
+from flux.checkpoint import CheckpointError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,13 @@ class T5Tokenizer:
         config = _read_config(folder)
         if (folder / "tokenizer.json").is_file():
             model, normalizer = _read_tokenizer_json(folder / "tokenizer.json", model_type="Unigram")
-            try:
-                pieces = [(piece, float(score)) for piece, score in model["vocab"]]
-            except (TypeError, ValueError):  # not a list of pairs, or a score that is no number
+            entries = model["vocab"]
+            if not (isinstance(entries, list) and all(
+                    isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) for entry in entries)):
                 raise CheckpointError(f"{folder / 'tokenizer.json'}: the Unigram vocab must be a list of [piece, score] "
-                                      "pairs; re-download it") from None
+                                      "pairs, a string and a number each; re-download it")
+            pieces = [(piece, float(score)) for piece, score in entries]
             precompiled_charsmap = _find_precompiled_charsmap(folder / "tokenizer.json", normalizer)
             kept_pieces = []
         elif (folder / "spiece.model").is_file():
@@ -181,12 +182,12 @@ class CLIPTokenizer:
             if missing:
                 raise CheckpointError(f"{folder}: no CLIP tokenizer here (missing {' and '.join(missing)}; expected "
                                       "vocab.json and merges.txt, or tokenizer.json)")
-            _check_vocab(folder / "vocab.json", _read_json(folder / "vocab.json"))  # read_file drops bad entries
+            _check_vocab(folder / "vocab.json", read_json_object(folder / "vocab.json"))  # read_file drops bad entries
             try:
                 vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
             except Exception as error:  # the library raises a bare Exception for unreadable files
                 raise CheckpointError(f"{folder}: cannot read vocab.json / merges.txt ({error}); re-download them") from None
-        special_tokens_map = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
+        special_tokens_map = read_json_object(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
         pad_token = config.get("pad_token") or special_tokens_map.get("pad_token") or "<|endoftext|>"
         pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token  # a serialised AddedToken
         if not isinstance(pad_token, str):
@@ -255,23 +256,13 @@ def _check_folder(path, name: str, expected: str) -> Path:
     return folder
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, a 5000-digit number
-        raise CheckpointError(f"{path}: not valid JSON ({error}); re-download it") from None
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
-    return content
-
-
 def _read_config(folder: Path) -> dict:
-    return _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    return read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
 
 
 def _read_tokenizer_json(path: Path, *, model_type: str) -> tuple[dict, dict | None]:
     """The model section (vocabulary) and the normaliser section of a `tokenizers` library file."""
-    content = _read_json(path)
+    content = read_json_object(path)
     model = content.get("model")
     if not isinstance(model, dict) or model.get("type") != model_type:
         found = model.get("type") if isinstance(model, dict) else None

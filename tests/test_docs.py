@@ -234,7 +234,7 @@ def test_code_references_name_what_exists(page):
 
 
 DOCUMENTED_MODULES = ("tokenizers", "t5", "clip", "sampling", "model", "autoencoder", "configs", "checkpoint",
-                      "loading", "pipeline", "__main__")
+                      "loading", "pipeline", "__main__", "fp8", "offload", "compile")
 
 
 def test_every_public_function_and_class_is_referenced():

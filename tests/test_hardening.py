@@ -280,6 +280,17 @@ def test_a_normalisation_table_that_is_no_table(tiny_snapshot, tmp_path, charsma
         T5Tokenizer.from_folder(folder)
 
 
+@pytest.mark.parametrize("entry", [[16, -1.0], ["a", "-1.5"], ["a", True], ["a"], "a"])
+def test_a_unigram_vocab_entry_of_the_wrong_type(tiny_snapshot, tmp_path, entry):
+    """Found by the long fuzz run of this session: a piece that is a number reached `re.fullmatch` (TypeError)."""
+    folder = shutil.copytree(tiny_snapshot / "tokenizer_2", tmp_path / "tokenizer_2")
+    content = json.loads((folder / "tokenizer.json").read_text())
+    content["model"]["vocab"][111] = entry
+    (folder / "tokenizer.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / "tokenizer.json")) + ".*a string and a number each"):
+        T5Tokenizer.from_folder(folder)
+
+
 TOKENIZER_CONFIGS = {  # tokenizer_config.json fields of the wrong type, found by the long fuzz run
     "added_tokens_decoder a string": ("tokenizer", {"added_tokens_decoder": "x"}, "added_tokens_decoder must map ids"),
     "an added token that is an int": ("tokenizer_2", {"added_tokens_decoder": {"1": 0}}, "added_tokens_decoder must map ids"),

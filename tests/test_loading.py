@@ -269,3 +269,16 @@ def test_peak_memory_while_loading_is_close_to_the_file_size(tmp_path):
                                check=True, env=env).stdout.split()[-1])
     # One copy is the file's size; a loader that staged a second copy (or fp32) would need ≥ 2×.
     assert grown < 1.3 * size, f"peak RSS grew by {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
+
+
+def test_text_encoders_load_without_importing_torch_dynamo(tiny_snapshot):
+    """nn.Embedding's random init on `meta` imports torch._dynamo (a second or more); the loaders skip it,
+    and leave nn.Embedding initialising as usual afterwards."""
+    script = """
+import sys, torch
+from flux import load_clip, load_t5
+load_t5(sys.argv[1], dtype=torch.float32), load_clip(sys.argv[1], dtype=torch.float32)
+print("torch._dynamo" in sys.modules, torch.nn.Embedding(4, 3).weight.abs().sum().item() > 0)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_snapshot)], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"], result.stdout + result.stderr

@@ -1,13 +1,14 @@
 """The sampling pieces against diffusers' `FluxPipeline` helpers and scheduler, and against their formulas."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from flux.configs import TINY
-from flux.model import Flux
+from flux.model import Flux, rope_table
 from flux.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 
 pipeline_flux = pytest.importorskip("diffusers.pipelines.flux.pipeline_flux")
@@ -92,3 +93,64 @@ def test_euler_step_and_true_cfg_follow_their_formulas():
     assert seen == [(0, 1.0)]
     out = denoise(model, img, ids, txt, tids, vec, [1.0, 0.25], negative=(neg, vec, None), true_cfg_scale=3.0)
     torch.testing.assert_close(out, img - 0.75 * (u + 3.0 * (v - u)))
+
+
+# What makes the host wait for a GPU: reading a value back (item, tolist, cpu, numpy, bool/float/int/index of a
+# tensor), an output whose size depends on values (nonzero), and explicit synchronisation.
+HOST_SYNCS = [(torch.Tensor, name) for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
+                                                "__index__", "nonzero")]
+HOST_SYNCS += [(torch, "nonzero"), (torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
+               (torch.cuda.Event, "synchronize")]
+
+
+@pytest.mark.parametrize("case", ["plain", "true CFG, dev-style", "block offload"])
+def test_the_step_loop_never_waits_for_the_device(case, monkeypatch):
+    """On a GPU the host queues the steps' kernels ahead of the device; one read-back per step would stall it.
+    The CPU cannot show a stall, so every operation that would cause one raises here while `denoise` runs."""
+    from flux.offload import offload_blocks
+
+    params = replace(TINY, guidance_embed=case == "true CFG, dev-style")
+    torch.manual_seed(0)
+    model = Flux(params).eval().requires_grad_(False)
+    if case == "block offload":
+        offload_blocks(model, device="cpu")
+    img, txt, vec = torch.randn(2, 6, 64), torch.randn(2, 5, 48), torch.randn(2, 40)
+    negative = (torch.randn(2, 5, 48), vec, None) if case == "true CFG, dev-style" else None
+    # The schedule is a list of floats, made (and read back) once, before the loop.
+    inputs = (img, image_ids(2, 32, 48), txt, text_ids(2, 5), vec, get_schedule(4, 6, shift=True))
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("the host waits for the device inside denoise")
+
+    for owner, name in HOST_SYNCS:
+        monkeypatch.setattr(owner, name, host_sync)
+    with pytest.raises(AssertionError, match="host waits"):  # the net holds
+        bool(torch.ones(()))
+    with torch.inference_mode():
+        x = denoise(model, *inputs, guidance=3.5, negative=negative, true_cfg_scale=2.0)
+    monkeypatch.undo()
+    assert x.shape == img.shape and torch.isfinite(x).all()
+
+
+def test_the_rotary_table_is_built_once_per_generation(monkeypatch):
+    import flux.model
+
+    torch.manual_seed(0)
+    model = Flux(TINY).eval().requires_grad_(False)
+    img, txt, vec, ids, tids = torch.randn(1, 6, 64), torch.randn(1, 5, 48), torch.randn(1, 40), image_ids(1, 32, 48), text_ids(1, 5)
+    with torch.no_grad():
+        expected = model(img, ids, txt, tids, torch.ones(1), vec)  # a direct call builds its own table
+        assert torch.equal(model(img, ids, txt, tids, torch.ones(1), vec, rope=model.rope(ids, tids)), expected)
+        with pytest.raises(ValueError, match=r"rope has shape \(1, 1, 6, 64, 2, 2\), expected \(1, 1, 11, \.\.\.\)"):
+            model(img, ids, txt, tids, torch.ones(1), vec, rope=model.rope(ids, tids[:, :0]))
+
+    calls = []
+    monkeypatch.setattr(flux.model, "rope_table", lambda *args: calls.append(args) or rope_table(*args))
+    with torch.no_grad():
+        denoise(model, img, ids, txt, tids, vec, get_schedule(4, 6, shift=False))
+        assert len(calls) == 1
+        # True CFG: a negative prompt as long as the prompt shares the table; a shorter one needs its own.
+        denoise(model, img, ids, txt, tids, vec, get_schedule(4, 6, shift=False), negative=(txt, vec, None), true_cfg_scale=2.0)
+        assert len(calls) == 2
+        denoise(model, img, ids, txt, tids, vec, get_schedule(4, 6, shift=False), negative=(txt[:, :3], vec, None), true_cfg_scale=2.0)
+        assert len(calls) == 4

@@ -267,7 +267,12 @@ SAFETENSORS_DTYPES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", 
 @st.composite
 def mutated_safetensors(draw, blob: bytes) -> Mutant:
     """A safetensors file with edits to its header entries, its JSON, its 8-byte length or its bytes."""
-    header, data = split_safetensors(blob)
+    try:
+        header, data = split_safetensors(blob)
+    except (struct.error, ValueError, RecursionError):  # a file an earlier edit already broke: raw edits only
+        return draw(mutated_bytes(blob))
+    if not isinstance(header, dict):
+        return draw(mutated_bytes(blob))
     names = sorted(k for k in header if k != "__metadata__")
     log = []
     for _ in range(draw(st.integers(0, 3))):
