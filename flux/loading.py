@@ -351,13 +351,15 @@ def infer_autoencoder_params(state_dict: dict[str, torch.Tensor], config: dict, 
             raise CheckpointError(f"{source}: config.json gives {name} = {config[name]} but the weights imply {value}")
     # Neither ae.safetensors nor the weights hold the latent statistics: FLUX's unless a config says otherwise.
     flux = AutoEncoderParams()
-    scale = config.get("scaling_factor") or flux.scale_factor
+    scale = config.get("scaling_factor") if config.get("scaling_factor") is not None else flux.scale_factor
     shift = config.get("shift_factor") if config.get("shift_factor") is not None else flux.shift_factor
     for name, value in (("scaling_factor", scale), ("shift_factor", shift)):
         if type(value) not in (int, float) or not math.isfinite(value):
             raise CheckpointError(f"{source}: config.json gives {name} = {value!r:.80}; expected a finite number")
+    if scale == 0:  # latents are divided by it
+        raise CheckpointError(f"{source}: config.json gives scaling_factor = 0; expected a non-zero number (FLUX's is 0.3611)")
     try:
-        return AutoEncoderParams(**fields, scale_factor=scale, shift_factor=shift)
+        return AutoEncoderParams(**fields, scale_factor=float(scale), shift_factor=float(shift))
     except ValueError as error:
         raise CheckpointError(f"{source}: not a valid autoencoder configuration: {error}") from None
 

@@ -395,7 +395,7 @@ DEFAULTS_RANGES = {
                             f"an integer in [2, {MAX_SEQUENCE_LENGTH}]"),
     "base_shift": (lambda v: _is_number(v) and abs(v) <= 10, "a number in [-10, 10]"),
     "max_shift": (lambda v: _is_number(v) and abs(v) <= 10, "a number in [-10, 10]"),
-    "image_size": (lambda v: type(v) is int and 0 < v and v % 16 == 0, "a positive multiple of 16"),
+    "image_size": (lambda v: type(v) is int and 0 < v <= 16384 and v % 16 == 0, "a positive multiple of 16, at most 16384"),
 }
 
 

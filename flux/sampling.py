@@ -77,6 +77,9 @@ def get_schedule(num_steps: int, image_seq_len: int, *, shift: bool, base_shift:
     timesteps = torch.linspace(1, 0, num_steps + 1)
     if shift:
         mu = base_shift + (max_shift - base_shift) * (image_seq_len - 256) / (4096 - 256)
+        if abs(mu) > 700:  # e^mu would overflow a float: images of tens of thousands of pixels a side
+            raise ValueError(f"an image of {image_seq_len} tokens is too large for the shifted schedule "
+                             f"(mu = {mu:.3g}); use a smaller image")
         timesteps = math.exp(mu) / (math.exp(mu) + (1 / timesteps - 1))  # t = 0 gives 1/0 = inf, hence 0
     return timesteps.tolist()
 

@@ -220,12 +220,22 @@ def test_json_bombs_name_the_file(tiny_snapshot, tmp_path, file, bomb):
         JSON_FILES[file](root)
 
 
-@pytest.mark.parametrize("value", ["0.36", float("nan"), True, [1]])
+@pytest.mark.parametrize("value", ["0.36", float("nan"), True, [1], 0])
 def test_autoencoder_scaling_factor_that_is_no_number(tiny_snapshot, tmp_path, value):
     config = json.loads((tiny_snapshot / "vae" / "config.json").read_text())
     root = snapshot_with(tiny_snapshot, tmp_path, "vae/config.json", json.dumps({**config, "scaling_factor": value}).encode())
     with pytest.raises(CheckpointError, match=re.escape(f"{root / 'vae'}: config.json gives scaling_factor = ")):
         load_autoencoder(root / "vae")
+
+
+def test_autoencoder_factors_given_as_integers_are_floats(tiny_snapshot, tmp_path):
+    """Found by this session's long fuzz run: JSON integers stayed ints in AutoEncoderParams' float fields."""
+    config = json.loads((tiny_snapshot / "vae" / "config.json").read_text())
+    root = snapshot_with(tiny_snapshot, tmp_path, "vae/config.json",
+                         json.dumps({**config, "scaling_factor": 2, "shift_factor": -1}).encode())
+    params = load_autoencoder(root / "vae", dtype=torch.float32).params
+    assert (params.scale_factor, params.shift_factor) == (2.0, -1.0)
+    assert type(params.scale_factor) is float and type(params.shift_factor) is float
 
 
 @pytest.mark.parametrize("encoder, field", [("text_encoder_2", "num_layers"), ("text_encoder", "num_hidden_layers")])
@@ -321,7 +331,7 @@ def test_tokenizer_configs_of_the_wrong_type(tiny_snapshot, tmp_path, case):
     ({"num_steps": 0}, "num_steps = 0"), ({"num_steps": "4"}, "num_steps = '4'"), ({"num_steps": 10**12}, "num_steps = 1000000000000"),
     ({"guidance": float("nan")}, "guidance = nan"), ({"shift_schedule": "false"}, "shift_schedule = 'false'"),
     ({"max_sequence_length": 10**9}, "max_sequence_length = 1000000000"), ({"base_shift": 1e300}, "base_shift = 1e+300"),
-    ({"image_size": 1000}, "image_size = 1000"), ({"steps": 4}, "unexpected keyword argument 'steps'"),
+    ({"image_size": 1000}, "image_size = 1000"), ({"image_size": 2**31}, "image_size = 2147483648"), ({"steps": 4}, "unexpected keyword argument 'steps'"),
 ])
 def test_bad_sampling_defaults_name_the_file_and_field(tmp_path, change, message):
     (tmp_path / "flux_defaults.json").write_text(json.dumps(change))

@@ -154,3 +154,10 @@ def test_the_rotary_table_is_built_once_per_generation(monkeypatch):
         assert len(calls) == 2
         denoise(model, img, ids, txt, tids, vec, get_schedule(4, 6, shift=False), negative=(txt[:, :3], vec, None), true_cfg_scale=2.0)
         assert len(calls) == 4
+
+
+def test_a_schedule_too_large_to_shift_is_refused():
+    """Found by this session's long fuzz run (via an image_size of 2³¹ in flux_defaults.json): e^mu overflowed."""
+    with pytest.raises(ValueError, match="67108864 tokens is too large for the shifted schedule"):
+        get_schedule(4, 2**26, shift=True)
+    assert get_schedule(4, 2**26, shift=False)[1] == 0.75  # the plain schedule does not depend on the size

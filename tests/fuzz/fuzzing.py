@@ -341,7 +341,7 @@ def mutated_safetensors(draw, blob: bytes) -> Mutant:
         log.append("header padded with spaces")
     length = len(text)
     if draw(st.integers(0, 5)) == 0:
-        length = draw(st.one_of(st.sampled_from([0, 1, length - 1, length + 1, len(text) + len(data), 2**31,
+        length = draw(st.one_of(st.sampled_from([0, 1, max(length - 1, 0), length + 1, len(text) + len(data), 2**31,
                                                  2**63, 2**64 - 1]), st.integers(0, 2**64 - 1)))
         log.append(f"header length = {length}")
     result = struct.pack("<Q", length) + text + data
