@@ -10,7 +10,7 @@ in each of these forms, best of `--reps` after a warm-up (compiled forms after t
   bmm-chunked     QKᵀ and PV as batched matrix products over chunks of heads, softmax in between: the matmul
                   library's speed on the two products at the cost of writing the scores to memory
   flex            `torch.nn.attention.flex_attention` compiled with `torch.compile` (no mask, no score_mod)
-  sdpa+rope       our `flux.model.attention` (rotary embedding of q and k in fp32, then SDPA), eager
+  sdpa+rope       our `flux.modules.transformer.attention` (rotary embedding of q and k in fp32, then SDPA), eager
   sdpa+rope compiled   the same function under `torch.compile`, which may fuse the rotary arithmetic
 
 Reports wall and process CPU time (the steadier on a shared machine) and GFLOP/s counting 4·H·L²·D per attention (QKᵀ and PV), as the roofline in benchmarks/compare.py
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from flux.model import attention, rope_table
-from flux.sampling import image_ids, text_ids
+from flux.modules.transformer import attention, rope_table
+from flux.pipelines.sampling import image_ids, text_ids
 
 HEADS, HEAD_DIM, TEXT_TOKENS = 24, 128, 256
 

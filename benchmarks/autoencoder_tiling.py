@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from flux.autoencoder import AutoEncoder, AutoEncoderParams, Tiling
+from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams, Tiling
 
 
 def run_case(size: int, tile: bool, tiling: Tiling, dtype: torch.dtype) -> dict:

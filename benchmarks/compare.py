@@ -66,7 +66,7 @@ def worker(side: str, snapshot: Path, dtype: torch.dtype, threads: int) -> None:
 
     start = time.perf_counter()
     if side == "ours":
-        from flux.pipeline import Pipeline
+        from flux.pipelines.pipeline import Pipeline
 
         # The memory target counts the text encoders released before denoising, as `flux generate` does;
         # a later call reads them again from the page cache, inside the timed text encoding.

@@ -5,9 +5,9 @@
     # --root, --size, --steps, --limit-gib, --need-gib: see --help. Sides not run keep their earlier results.
 
 The files, random weights in the official layouts, each written once, one tensor at a time
-(`flux.checkpoint.write_safetensors`), so that building them never holds a model in memory:
+(`flux.weights.checkpoint.write_safetensors`), so that building them never holds a model in memory:
   - `flux1-schnell-fp8-scaled.safetensors`: the whole transformer (`configs["flux-schnell"]`: 19 double + 38
-    single blocks, 11.9 B parameters) as `flux.fp8.save_fp8` writes it, ComfyUI's scaled fp8 layout: the
+    single blocks, 11.9 B parameters) as `flux.weights.fp8.save_fp8` writes it, ComfyUI's scaled fp8 layout: the
     blocks' weights in e4m3 with one `scale_weight` each, the embedders, final layer, biases and norms in
     bf16, and the `scaled_fp8` marker; 12.0 GB;
   - `text_encoder_2/`: T5-XXL's encoder at full size (24 layers, vocabulary 32128, 4.76 B parameters) in bf16,
@@ -23,7 +23,7 @@ SIGUSR1 (faulthandler), for the Python stack it was at — so the OOM killer is 
 machine. Each child starts only when /proc/meminfo's MemAvailable is at least `--need-gib` (21 GiB).
 
 Ours, in the order that keeps memory lowest: T5 and CLIP (bf16, memory-mapped) encode the prompt and are
-freed; the transformer is loaded with fp8 storage and fp32 arithmetic (`flux.fp8.load_fp8_flow_model`; fp32
+freed; the transformer is loaded with fp8 storage and fp32 arithmetic (`flux.weights.fp8.load_fp8_flow_model`; fp32
 is ~4× faster than bf16 on this CPU) and makes the 4 steps, and is freed; the autoencoder (fp32) decodes.
 These are the phases of `flux.Pipeline.__call__`, run one component at a time. diffusers: its documented way to
 read a single-file transformer, `FluxTransformer2DModel.from_single_file(<the fp8 file>, torch_dtype=bf16)`,
@@ -61,8 +61,8 @@ GIB = 2**30
 
 def build(root: Path, *, seed: int = 0) -> Path:
     """Writes the full-size repository into `root` unless a finished build is already there."""
-    from flux.configs import configs
-    from flux.t5 import T5_XXL
+    from flux.modules.configs import configs
+    from flux.modules.t5 import T5_XXL
 
     from benchmarks.snapshot import build as build_snapshot
 
@@ -93,12 +93,12 @@ def build(root: Path, *, seed: int = 0) -> Path:
 
 
 def write_transformer(path: Path, *, seed: int) -> None:
-    """The full transformer in the layout `flux.fp8.save_fp8` writes (its state dict and the marker), each block
-    weight drawn in fp32 and quantized (`flux.fp8.quantize`) just before it is written."""
-    from flux.checkpoint import write_safetensors
-    from flux.configs import configs
-    from flux.fp8 import FP8, MARKER, quantize, to_fp8
-    from flux.model import Flux
+    """The full transformer in the layout `flux.weights.fp8.save_fp8` writes (its state dict and the marker), each block
+    weight drawn in fp32 and quantized (`flux.weights.fp8.quantize`) just before it is written."""
+    from flux.weights.checkpoint import write_safetensors
+    from flux.modules.configs import configs
+    from flux.weights.fp8 import FP8, MARKER, quantize, to_fp8
+    from flux.modules.transformer import Flux
 
     with torch.device("meta"):
         layout = {name: (tuple(t.shape), t.dtype)
@@ -123,8 +123,8 @@ def write_transformer(path: Path, *, seed: int) -> None:
 
 def write_t5(path: Path, *, seed: int) -> None:
     """T5-XXL's encoder in bf16 under the Hugging Face names (what `flux.load_t5` and transformers read)."""
-    from flux.checkpoint import write_safetensors
-    from flux.t5 import T5_XXL, T5Encoder
+    from flux.weights.checkpoint import write_safetensors
+    from flux.modules.t5 import T5_XXL, T5Encoder
 
     with torch.device("meta"):
         layout = {name: (tuple(t.shape), torch.bfloat16) for name, t in T5Encoder(T5_XXL).state_dict().items()}
@@ -187,10 +187,10 @@ def ours(root: Path, size: int, steps: int) -> dict:
     from PIL import Image
 
     from benchmarks.snapshot import PROMPT
-    from flux.configs import configs
-    from flux.fp8 import FP8, load_fp8_flow_model
-    from flux.loading import load_autoencoder, load_clip, load_t5
-    from flux.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+    from flux.modules.configs import configs
+    from flux.weights.fp8 import FP8, load_fp8_flow_model
+    from flux.weights.loading import load_autoencoder, load_clip, load_t5
+    from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 
     phases = Phases()
     phases.begin("load T5 (bf16, memory-mapped)")
@@ -274,36 +274,36 @@ def diffusers_side(root: Path, size: int, steps: int) -> dict:
 def fp8_cost(root: Path, size: int, steps: int) -> dict:
     """What fp8 storage costs in a step, which the full model cannot show (in fp32 it would need 47.6 GB): one
     double and two single blocks at the real width, in one process, with fp32 weights and with the same
-    weights in fp8, upcast by `flux.fp8.upcast` and by PyTorch's own conversion; calls interleaved, the fastest
+    weights in fp8, upcast by `flux.weights.fp8.upcast` and by PyTorch's own conversion; calls interleaved, the fastest
     of 3 each. The overhead per block weight, times FLUX.1's 11.83 B, estimates it for a full step."""
     import copy
     from dataclasses import replace
 
-    import flux.fp8
-    from flux.configs import configs
-    from flux.model import Flux
-    from flux.sampling import image_ids, text_ids
+    import flux.weights.fp8
+    from flux.modules.configs import configs
+    from flux.modules.transformer import Flux
+    from flux.pipelines.sampling import image_ids, text_ids
 
     params = replace(configs["flux-schnell"].params, depth=1, depth_single_blocks=2)
     torch.manual_seed(0)
     full_precision = Flux(params).eval()
-    stored = flux.fp8.to_fp8(copy.deepcopy(full_precision))
-    block_weights = sum(layer.weight.numel() for layer in flux.fp8.fp8_layers(stored).values())
+    stored = flux.weights.fp8.to_fp8(copy.deepcopy(full_precision))
+    block_weights = sum(layer.weight.numel() for layer in flux.weights.fp8.fp8_layers(stored).values())
     tokens = (size // 16) ** 2
     inputs = (torch.randn(1, tokens, 64), image_ids(1, size, size), torch.randn(1, TEXT_TOKENS, 4096),
               text_ids(1, TEXT_TOKENS), torch.tensor([0.5]), torch.randn(1, 768))
-    upcast = flux.fp8.upcast
-    variants = {"fp32 weights": (full_precision, upcast), "fp8, upcast through fp16 bits (flux.fp8.upcast)": (stored, upcast),
+    upcast = flux.weights.fp8.upcast
+    variants = {"fp32 weights": (full_precision, upcast), "fp8, upcast through fp16 bits (flux.weights.fp8.upcast)": (stored, upcast),
                 "fp8, upcast by PyTorch's .to()": (stored, lambda weight, dtype: (weight.to(dtype), 1.0))}
     times = {name: [] for name in variants}
     with torch.inference_mode():
         for _ in range(4):  # the first round warms up
             for name, (model, upcast_) in variants.items():
-                flux.fp8.upcast = upcast_  # what Fp8Linear.forward calls
+                flux.weights.fp8.upcast = upcast_  # what Fp8Linear.forward calls
                 start = time.perf_counter()
                 model(*inputs)
                 times[name].append(time.perf_counter() - start)
-    flux.fp8.upcast = upcast
+    flux.weights.fp8.upcast = upcast
     fastest = {name: min(seconds[1:]) for name, seconds in times.items()}
     base = fastest["fp32 weights"]
     return {"blocks": "1 double + 2 single at width 3072", "tokens": tokens + TEXT_TOKENS, "block_weights": block_weights,

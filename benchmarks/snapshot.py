@@ -35,7 +35,7 @@ def build(root: Path, *, double: int = 2, single: int = 4, t5_layers: int = 2, s
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from flux.loading import load_autoencoder, load_flow_model
+    from flux.weights.loading import load_autoencoder, load_flow_model
 
     recipe = {"double": double, "single": single, "t5_layers": t5_layers, "seed": seed}
     stamp = root / "benchmark_snapshot.json"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.variants [--snapshot DIR] [--size 256] [--reps 3] [--variants ...]
 
-Variants, each applied from outside to the modules `flux.loading` builds (nothing here changes flux/):
+Variants, each applied from outside to the modules `flux.weights.loading` builds (nothing here changes flux/):
 
   fp32             weights and arithmetic in fp32
   bf16             weights and arithmetic in bf16 (what `dtype=torch.bfloat16` gives today)
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.snapshot import build
-from flux.loading import load_autoencoder, load_flow_model
-from flux.sampling import image_ids, text_ids
+from flux.weights.loading import load_autoencoder, load_flow_model
+from flux.pipelines.sampling import image_ids, text_ids
 
 VARIANTS = ("fp32", "bf16", "bf16-storage", "fp32-channels-last", "fp32-compiled")
 

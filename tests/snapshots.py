@@ -62,7 +62,7 @@ def build_tiny_snapshot(root: Path, *, dev: bool, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from flux.configs import TINY
+    from flux.modules.configs import TINY
 
     params = replace(TINY, guidance_embed=dev)
     # The official tokenizer folders hold vocab.json + merges.txt and spiece.model; transformers 5 saves

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux import CheckpointError, load_autoencoder
-from flux.autoencoder import AutoEncoder, AutoEncoderParams, Tiling, tiled
+from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams, Tiling, tiled
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 SCALE, SHIFT = 0.3611, 0.1159  # FLUX.1's vae/config.json: scaling_factor, shift_factor

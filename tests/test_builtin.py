@@ -1,6 +1,6 @@
 """The built-in model (weights/flux-tiny): it loads like the official repository, and what it draws follows the prompt.
 
-The ground truth is the data set's own renderer (`flux.shapes`): the named colours, and masks of every
+The ground truth is the data set's own renderer (`flux.training.shapes`): the named colours, and masks of every
 (shape, position, size) drawn without jitter. A generated picture is read back by nearest named colour and
 by the mask it overlaps most — no use of the model's own earlier output.
 """
@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import flux
-from flux import shapes
-from flux.__main__ import main
-from flux.pipeline import BUILTIN, Pipeline
+from flux.training import shapes
+from flux.cli.main import main
+from flux.pipelines.pipeline import BUILTIN, Pipeline
 
 pytestmark = pytest.mark.skipif(not (BUILTIN / "model_index.json").is_file(),
                                 reason="weights/flux-tiny not built (python weights/build_flux_tiny.py)")
@@ -164,7 +164,7 @@ def test_tokenizer_files_read_by_transformers_as_by_us(pipe):
 
 def test_spiece_model_and_tokenizer_json_agree(tmp_path):
     """T5's folder holds the vocabulary twice (as the official one does): either file alone gives the same ids."""
-    from flux.tokenizers import T5Tokenizer
+    from flux.weights.tokenizers import T5Tokenizer
 
     prompts = ["a large purple square at the center of a white background", "an unknown word: zebra"]
     only_spiece = tmp_path / "tokenizer_2"

@@ -15,8 +15,8 @@ from snapshots import MANIFESTS, clip_tokenizer_files
 from safetensors.torch import save_file
 
 from flux import CheckpointError, load_clip
-from flux.clip import CLIP_L, CLIPTextConfig, CLIPTextModel
-from flux.loading import read_clip_config
+from flux.modules.clip import CLIP_L, CLIPTextConfig, CLIPTextModel
+from flux.weights.loading import read_clip_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from flux.compile import compile_blocks
-from flux.configs import TINY
-from flux.model import Flux
-from flux.offload import offload_blocks
-from flux.sampling import denoise, get_schedule, image_ids, text_ids
+from flux.runtime.compile import compile_blocks
+from flux.modules.configs import TINY
+from flux.modules.transformer import Flux
+from flux.runtime.offload import offload_blocks
+from flux.pipelines.sampling import denoise, get_schedule, image_ids, text_ids
 
 # FLUX's head dim (128) in two heads, and two blocks of each kind, to show that the blocks of a kind share code.
 SMALL = replace(TINY, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)

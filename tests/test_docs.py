@@ -7,11 +7,11 @@
   prefixed bundle docs/loading.md loads beside it. Its defaults are 128×128 pixels and 32 T5 tokens rather
   than FLUX.1's 1024×1024 and 256 (a `flux_defaults.json`, as our own small models have), so that examples
   which leave them out stay fast.
-- Every `flux generate` line of a ```sh block runs through `flux.__main__.main`, in the same directory.
+- Every `flux generate` line of a ```sh block runs through `flux.cli.main.main`, in the same directory.
 - The parameter counts of docs/architecture.md are recomputed from full-size modules built on `meta`, and
   their totals compared with the manifests of the official files.
 - Code references, a link to a flux/*.py file followed by backticked names
-  (`[flux/model.py](../flux/model.py) `Flux.forward``), must name things that exist, and every public
+  (`[flux/modules/transformer.py](../flux/modules/transformer.py) `Flux.forward``), must name things that exist, and every public
   function and class of the package must be referenced from docs/. Relative links and anchors must resolve.
 - The key tables and error messages of docs/loading.md and the options of the `flux` command in docs/api.md
   are the code's.
@@ -43,7 +43,7 @@ README_SIZES = {"width=1024, height=768": "width=128, height=96"}
 STAND_IN_DEFAULTS = {"image_size": 128, "max_sequence_length": 32}
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-CODE_LINK = r"\[[^\]]*\]\((?:\.\./)?flux/(\w+)\.py\)"
+CODE_LINK = r"\[[^\]]*\]\((?:\.\./)?flux/([\w/]+)\.py\)"
 CODE_REFERENCE = re.compile(CODE_LINK + r"((?:\s*(?:,|;|and)?\s*`[^`\s]+`)+)")
 LINK_TARGET = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -116,11 +116,11 @@ def stand_in(tiny_snapshot, tmp_path_factory):
 
 @pytest.fixture
 def in_stand_in(stand_in, monkeypatch):
-    import flux.pipeline
+    import flux.pipelines.pipeline
 
     monkeypatch.chdir(stand_in / "work")
     monkeypatch.setenv("HF_HUB_CACHE", str(stand_in / "hub"))
-    monkeypatch.setattr(flux.pipeline, "_pipelines", {})  # flux.generate's pipelines, kept per model
+    monkeypatch.setattr(flux.pipelines.pipeline, "_pipelines", {})  # flux.generate's pipelines, kept per model
     return stand_in / "work"
 
 
@@ -145,7 +145,7 @@ def test_python_examples_run(page, in_stand_in):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if command_lines(p)], ids=name_of)
 def test_flux_command_lines_run(page, in_stand_in, capsys):
-    from flux.__main__ import main, parser
+    from flux.cli.main import main, parser
 
     for command in command_lines(page):
         argv = shlex.split(command, comments=True)[1:]
@@ -165,11 +165,11 @@ def test_flux_command_lines_run(page, in_stand_in, capsys):
 @pytest.fixture(scope="module")
 def full_size():
     """The names the parameter table's expressions use, built as its page says: full size, on `meta`."""
-    from flux.autoencoder import AutoEncoder, AutoEncoderParams
-    from flux.clip import CLIP_L, CLIPTextModel
-    from flux.configs import configs
-    from flux.model import Flux, Modulation
-    from flux.t5 import T5_XXL, T5Encoder
+    from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams
+    from flux.modules.clip import CLIP_L, CLIPTextModel
+    from flux.modules.configs import configs
+    from flux.modules.transformer import Flux, Modulation
+    from flux.modules.t5 import T5_XXL, T5Encoder
 
     def count(*modules):
         return sum(p.numel() for module in modules for p in module.parameters())
@@ -218,7 +218,7 @@ def code_references(page: Path) -> list[tuple[str, str]]:
 
 
 def resolves(module: str, dotted: str) -> bool:
-    target = importlib.import_module(f"flux.{module}")
+    target = importlib.import_module("flux." + module.replace("/", "."))
     for part in dotted.split("."):
         if not hasattr(target, part):
             return False
@@ -233,15 +233,17 @@ def test_code_references_name_what_exists(page):
     assert not missing, f"{name_of(page)} names what the code does not have: {missing}"
 
 
-DOCUMENTED_MODULES = ("tokenizers", "t5", "clip", "sampling", "model", "autoencoder", "configs", "checkpoint",
-                      "loading", "pipeline", "__main__", "fp8", "offload", "compile")
+DOCUMENTED_MODULES = ("weights/tokenizers", "modules/t5", "modules/clip", "pipelines/sampling", "modules/transformer",
+                      "modules/autoencoder", "modules/configs", "weights/checkpoint", "weights/layouts",
+                      "weights/loading", "pipelines/pipeline", "cli/main", "weights/fp8", "runtime/offload",
+                      "runtime/compile")
 
 
 def test_every_public_function_and_class_is_referenced():
     referenced = {(module, name.split(".")[0]) for page in OUR_PAGES for module, name in code_references(page)}
     missing = []
     for module_name in DOCUMENTED_MODULES:
-        module = importlib.import_module(f"flux.{module_name}")
+        module = importlib.import_module("flux." + module_name.replace("/", "."))
         for name, value in vars(module).items():
             public = not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
             if public and value.__module__ == module.__name__ and (module_name, name) not in referenced:
@@ -283,18 +285,18 @@ def mapping_table(*tables: dict) -> str:
 
 
 def test_key_tables_are_the_loaders():
-    from flux import loading
+    from flux.weights import layouts
 
     text = (DOCS / "loading.md").read_text(encoding="utf-8")
-    for tables in ((loading.DIFFUSERS_MODULES, loading.DIFFUSERS_FUSED, loading.DIFFUSERS_TENSORS),
-                   (loading.AUTOENCODER_DIFFUSERS_MODULES,), (loading.AUTOENCODER_DIFFUSERS_RESNET,),
-                   (loading.AUTOENCODER_DIFFUSERS_ATTENTION,)):
+    for tables in ((layouts.DIFFUSERS_MODULES, layouts.DIFFUSERS_FUSED, layouts.DIFFUSERS_TENSORS),
+                   (layouts.AUTOENCODER_DIFFUSERS_MODULES,), (layouts.AUTOENCODER_DIFFUSERS_RESNET,),
+                   (layouts.AUTOENCODER_DIFFUSERS_ATTENTION,)):
         table = mapping_table(*tables)
-        assert table in text, f"docs/loading.md should hold this table, as flux/loading.py has it now:\n{table}"
+        assert table in text, f"docs/loading.md should hold this table, as flux/weights/layouts.py has it now:\n{table}"
 
 
 def test_quoted_error_messages_are_in_the_code():
-    source = "\n".join(path.read_text(encoding="utf-8") for path in sorted((ROOT / "flux").glob("*.py")))
+    source = "\n".join(path.read_text(encoding="utf-8") for path in sorted((ROOT / "flux").rglob("*.py")))
     quoted = [fragment for row in re.findall(r"^\| (`[^|]+) \|", section(DOCS / "loading.md", "Errors"), re.MULTILINE)
               for fragment in re.findall(r"`([^`]+)`", row)]
     assert len(quoted) >= 40, f"docs/loading.md: found only {len(quoted)} quoted messages"
@@ -305,7 +307,7 @@ def test_quoted_error_messages_are_in_the_code():
 def test_command_options_are_documented():
     import argparse
 
-    from flux.__main__ import parser
+    from flux.cli.main import parser
 
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {"prompt"} | {name for action in commands.choices["generate"]._actions for name in action.option_strings

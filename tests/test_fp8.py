@@ -1,9 +1,9 @@
-"""fp8 weight storage (flux/fp8.py), checked against references computed here from the format's definition.
+"""fp8 weight storage (flux/weights/fp8.py), checked against references computed here from the format's definition.
 
 e4m3fn is defined in the OCP 8-bit floating point specification: 1 sign, 4 exponent bits (bias 7), 3 mantissa
 bits, subnormals below 2^-6 in steps of 2^-9, largest value 448, no infinities. The expected weights are
 rounded and decoded from that definition (`round_to_e4m3`, `decode_e4m3`) or by PyTorch's own conversion,
-never by flux.fp8's code paths; the community fp8 layout is checked against diffusers' single-file loader.
+never by flux.weights.fp8's code paths; the community fp8 layout is checked against diffusers' single-file loader.
 """
 
 import copy
@@ -21,11 +21,11 @@ from test_model import MANIFESTS, random_model, tiny_inputs
 from torch import nn
 
 from flux import CheckpointError, Pipeline, load_flow_model
-from flux.checkpoint import read_safetensors, write_safetensors
-from flux.configs import TINY, configs
-from flux.fp8 import Fp8Linear, load_fp8_flow_model, quantize, save_fp8, to_fp8, upcast
-from flux.lora import add_lora, load_lora, save_lora
-from flux.model import Flux
+from flux.weights.checkpoint import read_safetensors, write_safetensors
+from flux.modules.configs import TINY, configs
+from flux.weights.fp8 import Fp8Linear, load_fp8_flow_model, quantize, save_fp8, to_fp8, upcast
+from flux.weights.lora import add_lora, load_lora, save_lora
+from flux.modules.transformer import Flux
 
 FP8 = torch.float8_e4m3fn
 
@@ -379,7 +379,7 @@ def test_pipeline_keeps_fp8_storage_and_computes_in_its_dtype(tiny_snapshot):
 
 
 def test_cli_fp8_flag(tiny_snapshot, tmp_path):
-    from flux.__main__ import main
+    from flux.cli.main import main
 
     out = tmp_path / "fp8.png"
     assert main(["generate", "a cat", "--model", str(tiny_snapshot), "--fp8", "--dtype", "fp32", "-o", str(out),

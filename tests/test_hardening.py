@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import models
 
-import flux.model
-import flux.pipeline
-from flux.checkpoint import CheckpointError, read_safetensors, read_weights
-from flux.loading import load_autoencoder, load_clip, load_flow_model, load_t5
-from flux.lora import load_lora
-from flux.pipeline import Pipeline, activation_bytes, sampling_defaults
-from flux.sampling import get_noise
-from flux.tokenizers import CLIPTokenizer, T5Tokenizer
+import flux.modules.transformer
+import flux.pipelines.pipeline
+from flux.weights.checkpoint import CheckpointError, read_safetensors, read_weights
+from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.weights.lora import load_lora
+from flux.pipelines.pipeline import Pipeline, activation_bytes, sampling_defaults
+from flux.pipelines.sampling import get_noise
+from flux.weights.tokenizers import CLIPTokenizer, T5Tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -346,7 +346,7 @@ def test_scheduler_settings_of_the_wrong_type(tmp_path):
         sampling_defaults(tmp_path, guidance_embed=True)
 
 
-# Bugs of flux/lora.py the fuzz suite found (each escaped as a bare exception naming no file), fixed: the
+# Bugs of flux/weights/lora.py the fuzz suite found (each escaped as a bare exception naming no file), fixed: the
 # file is named, and what is wrong with it.
 LORA_A, LORA_B = "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight", "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight"
 LORA_BUGS = {  # the change, the metadata JSON, what the error says
@@ -375,7 +375,7 @@ def tiny_model(tiny_snapshot):
 
 @pytest.mark.parametrize("case", LORA_BUGS)
 def test_broken_lora_files_name_the_file(tiny_model, tmp_path, case):
-    from flux.lora import unload_lora
+    from flux.weights.lora import unload_lora
 
     tensors, adapter_metadata, message = LORA_BUGS[case]
     generator = torch.Generator().manual_seed(0)
@@ -391,7 +391,7 @@ def test_broken_lora_files_name_the_file(tiny_model, tmp_path, case):
 
 def test_checked_adapter_config_still_scales(tiny_model, tmp_path):
     """The checks keep PEFT's rules: alpha_pattern's match at a dot wins over lora_alpha, which wins over rank."""
-    from flux.lora import unload_lora
+    from flux.weights.lora import unload_lora
 
     generator = torch.Generator().manual_seed(0)
     lora = {LORA_A: torch.randn(4, 384, generator=generator), LORA_B: torch.randn(384, 4, generator=generator)}
@@ -466,7 +466,7 @@ def test_the_smallest_image_is_16_pixels(pipe):
 @pytest.mark.parametrize("kwargs", [dict(height=4096, width=4096), dict(height=65536, width=16),
                                     dict(num_images_per_prompt=10**6, height=64, width=64)])
 def test_requests_larger_than_free_memory_are_refused_before_any_work(pipe, monkeypatch, kwargs):
-    monkeypatch.setattr(flux.pipeline, "free_memory", lambda device: 2**30)
+    monkeypatch.setattr(flux.pipelines.pipeline, "free_memory", lambda device: 2**30)
     monkeypatch.setattr(pipe, "_encode", lambda *args: pytest.fail("the text encoders ran"))
     with pytest.raises(ValueError, match=r"need about [\d.]+ GiB for activations, and cpu has 1.0 GiB free; ask for fewer"):
         pipe("a cat", progress=False, **kwargs)
@@ -474,7 +474,7 @@ def test_requests_larger_than_free_memory_are_refused_before_any_work(pipe, monk
 
 def test_requests_above_half_of_free_memory_warn(pipe, monkeypatch, caplog):
     needed = activation_bytes(pipe.model.params, pipe.ae, batch=1, height=32, width=32, text_tokens=256, itemsize=4, decode=True)
-    monkeypatch.setattr(flux.pipeline, "free_memory", lambda device: int(1.5 * needed))
+    monkeypatch.setattr(flux.pipelines.pipeline, "free_memory", lambda device: int(1.5 * needed))
     with caplog.at_level(logging.WARNING, logger="flux"):
         pipe("a cat", height=32, width=32, num_steps=1, seed=0, progress=False)
     assert "GiB free; this may run out of memory" in caplog.text
@@ -630,7 +630,7 @@ def test_each_float16_guard_keeps_an_overflow_finite(tiny_model, monkeypatch, ki
         full = model(**model_inputs(model.params, torch.float32))
         half = model.half()
         guarded = half(**model_inputs(model.params, torch.float16))
-        monkeypatch.setattr(flux.model, "float16_guard", lambda x: x)
+        monkeypatch.setattr(flux.modules.transformer, "float16_guard", lambda x: x)
         unguarded = half(**model_inputs(model.params, torch.float16))
     assert torch.isfinite(full).all() and not torch.isfinite(unguarded).all(), "the case must overflow fp16 only"
     assert torch.isfinite(guarded).all()
@@ -663,9 +663,9 @@ def test_float16_guards_match_diffusers_clamp(tiny_snapshot, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_guards_leave_bf16_and_fp32_alone(tiny_model, monkeypatch, dtype):
     x = torch.full((3,), 1e6, dtype=dtype)
-    assert flux.model.float16_guard(x) is x
+    assert flux.modules.transformer.float16_guard(x) is x
     model = overflowing(tiny_model, "residual stream").to(dtype)
     with torch.no_grad():
         guarded = model(**model_inputs(model.params, dtype))
-        monkeypatch.setattr(flux.model, "float16_guard", lambda x: x)
+        monkeypatch.setattr(flux.modules.transformer, "float16_guard", lambda x: x)
         assert torch.equal(guarded, model(**model_inputs(model.params, dtype)))

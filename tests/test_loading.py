@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux import CheckpointError, load_flow_model
-from flux.configs import TINY
-from flux.model import Flux
+from flux.modules.configs import TINY
+from flux.modules.transformer import Flux
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from flux import CheckpointError, load_flow_model
-from flux.configs import TINY
-from flux.lora import DEFAULT_TARGETS, add_lora, load_lora, save_lora, unload_lora
+from flux.modules.configs import TINY
+from flux.weights.lora import DEFAULT_TARGETS, add_lora, load_lora, save_lora, unload_lora
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers' LoRA loading runs on PEFT
@@ -289,7 +289,7 @@ def test_a_training_step_changes_only_the_lora(base):
 # --------------------------------------------------------------------------------------------------
 
 # (key stem, down suffix, up suffix, alpha or None) -> (our module, first row, rows, swap halves), each
-# placement written from the format's description, not from flux/lora.py:
+# placement written from the format's description, not from flux/weights/lora.py:
 # - XLabs (x-flux, src/flux/modules/layers.py, as we read it): DoubleStreamBlockLoraProcessor adds
 #   qkv_lora1(x) to img_attn.qkv's output and proj_lora1 to img_attn.proj's, lora2 the same for the text
 #   stream; SingleStreamBlockLoraProcessor adds qkv_lora to the q, k, v part of linear1 (not the MLP part)

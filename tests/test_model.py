@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux.configs import TINY, configs
-from flux.model import Flux, FluxParams, apply_rope, rope_table, timestep_embedding
+from flux.modules.configs import TINY, configs
+from flux.modules.transformer import Flux, FluxParams, apply_rope, rope_table, timestep_embedding
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 

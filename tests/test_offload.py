@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_model import random_model, tiny_inputs
 
-from flux import lora
-from flux.__main__ import parser
-from flux.offload import offload_blocks
-from flux.pipeline import Pipeline
+from flux.weights import lora
+from flux.cli.main import parser
+from flux.runtime.offload import offload_blocks
+from flux.pipelines.pipeline import Pipeline
 
 
 def on_meta(module: torch.nn.Module) -> set[bool]:

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from flux import CheckpointError
-from flux.__main__ import main
-from flux.pipeline import Pipeline, resolve_snapshot
-from flux.sampling import pack
+from flux.cli.main import main
+from flux.pipelines.pipeline import Pipeline, resolve_snapshot
+from flux.pipelines.sampling import pack
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -125,7 +125,10 @@ def test_single_files_and_diffusers_folders_give_the_same_image(tiny_snapshot, t
     assert not list(folders.glob("*.safetensors")) and not (singles / "transformer").exists()
     a = Pipeline.from_pretrained(singles, device="cpu", dtype=torch.float32)("a cat", height=32, width=32, seed=1, output_type="np", progress=False)
     b = Pipeline.from_pretrained(folders, device="cpu", dtype=torch.float32)("a cat", height=32, width=32, seed=1, output_type="np", progress=False)
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    # Bit-identical weights, but laid out differently in memory (diffusers' split projections concatenated into
+    # fresh tensors, against views of one file), so oneDNN may block the fp32 sums differently: 1.5e-6 apart on
+    # Zen 4, 0 on Cascade Lake. 1e-5 covers tens of fp32 ulps at pixel values ≤ 1 after 4 steps and the decoder.
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_repo_id_resolves_from_the_hugging_face_cache(tiny_snapshot, tmp_path, monkeypatch):
@@ -242,8 +245,8 @@ def test_cli_missing_model_says_where_the_weights_come_from(tmp_path, capsys):
 
 
 def test_pipeline_loads_and_unloads_a_lora(ours, tmp_path):
-    """Pipeline.load_lora is flux.lora.load_lora on its transformer (tested against diffusers in test_lora.py)."""
-    from flux.lora import add_lora, save_lora, unload_lora
+    """Pipeline.load_lora is flux.weights.lora.load_lora on its transformer (tested against diffusers in test_lora.py)."""
+    from flux.weights.lora import add_lora, save_lora, unload_lora
 
     before = ours("a cat", height=32, width=32, seed=3, num_steps=2, output_type="latent", progress=False)
     for parameter in add_lora(ours.model, rank=4):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from flux.configs import TINY
-from flux.model import Flux, rope_table
-from flux.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
+from flux.modules.configs import TINY
+from flux.modules.transformer import Flux, rope_table
+from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 
 pipeline_flux = pytest.importorskip("diffusers.pipelines.flux.pipeline_flux")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -107,7 +107,7 @@ HOST_SYNCS += [(torch, "nonzero"), (torch.cuda, "synchronize"), (torch.cuda.Stre
 def test_the_step_loop_never_waits_for_the_device(case, monkeypatch):
     """On a GPU the host queues the steps' kernels ahead of the device; one read-back per step would stall it.
     The CPU cannot show a stall, so every operation that would cause one raises here while `denoise` runs."""
-    from flux.offload import offload_blocks
+    from flux.runtime.offload import offload_blocks
 
     params = replace(TINY, guidance_embed=case == "true CFG, dev-style")
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_the_step_loop_never_waits_for_the_device(case, monkeypatch):
 
 
 def test_the_rotary_table_is_built_once_per_generation(monkeypatch):
-    import flux.model
+    import flux.modules.transformer
 
     torch.manual_seed(0)
     model = Flux(TINY).eval().requires_grad_(False)
@@ -145,7 +145,7 @@ def test_the_rotary_table_is_built_once_per_generation(monkeypatch):
             model(img, ids, txt, tids, torch.ones(1), vec, rope=model.rope(ids, tids[:, :0]))
 
     calls = []
-    monkeypatch.setattr(flux.model, "rope_table", lambda *args: calls.append(args) or rope_table(*args))
+    monkeypatch.setattr(flux.modules.transformer, "rope_table", lambda *args: calls.append(args) or rope_table(*args))
     with torch.no_grad():
         denoise(model, img, ids, txt, tids, vec, get_schedule(4, 6, shift=False))
         assert len(calls) == 1

@@ -14,8 +14,8 @@ from snapshots import MANIFESTS, t5_spiece_model
 from safetensors.torch import save_file
 
 from flux import CheckpointError, load_t5
-from flux.loading import read_t5_config
-from flux.t5 import T5_XXL, T5Config, T5Encoder, relative_position_bucket
+from flux.weights.loading import read_t5_config
+from flux.modules.t5 import T5_XXL, T5Config, T5Encoder, relative_position_bucket
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,7 +153,7 @@ def test_float16_residual_is_clamped_like_transformers(tmp_path, tokenizer_folde
     t5.half()
     with torch.no_grad():
         clamped = t5.encode(ids)
-        monkeypatch.setattr("flux.t5.clamp_to_float16_range", lambda x: x)
+        monkeypatch.setattr("flux.modules.t5.clamp_to_float16_range", lambda x: x)
         unguarded = t5.encode(ids)
     assert not unguarded.isfinite().all(), "without the clamp, fp16 should overflow on this model"
     assert clamped.isfinite().all()

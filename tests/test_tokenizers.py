@@ -1,4 +1,4 @@
-"""flux/tokenizers.py against transformers' `T5TokenizerFast` and `CLIPTokenizer`, the tokenizers the official
+"""flux/weights/tokenizers.py against transformers' `T5TokenizerFast` and `CLIPTokenizer`, the tokenizers the official
 pipeline calls (`padding="max_length", max_length=..., truncation=True`), on folders laid out like FLUX.1's
 `tokenizer/` (vocab.json + merges.txt, 49408 tokens) and `tokenizer_2/` (spiece.model and/or tokenizer.json).
 
@@ -18,8 +18,8 @@ import shutil
 import pytest
 import torch
 
-from flux.checkpoint import CheckpointError
-from flux.tokenizers import CLIPTokenizer, T5Tokenizer
+from flux.weights.checkpoint import CheckpointError
+from flux.weights.tokenizers import CLIPTokenizer, T5Tokenizer
 
 PROMPTS = {
     "plain": "a photo of a cat sitting on a red chair",
@@ -258,9 +258,9 @@ def test_truncation_warns_with_the_number_of_dropped_tokens(request, caplog, nam
     tokenizer, reference = ours_and_reference(request, name, 8)
     prompt = " ".join(["a"] * words)
     total = len(reference(prompt).input_ids)  # transformers without truncation
-    with caplog.at_level(logging.DEBUG, logger="flux.tokenizers"):
+    with caplog.at_level(logging.DEBUG, logger="flux.weights.tokenizers"):
         ids = tokenizer(["a cat", prompt])  # prompt 0 fits: only prompt 1 may warn
-    records = [record for record in caplog.records if record.name == "flux.tokenizers"]
+    records = [record for record in caplog.records if record.name == "flux.weights.tokenizers"]
     if total <= 8:
         assert records == [], [record.getMessage() for record in records]
         return
@@ -277,9 +277,9 @@ def test_truncation_at_the_official_length(request, caplog, name, max_length):
     tokenizer, reference = ours_and_reference(request, name, max_length)
     total = len(reference(PROMPTS["long-prose"]).input_ids)
     assert total > max_length
-    with caplog.at_level(logging.WARNING, logger="flux.tokenizers"):
+    with caplog.at_level(logging.WARNING, logger="flux.weights.tokenizers"):
         ids = tokenizer(PROMPTS["long-prose"])
-    (record,) = [record for record in caplog.records if record.name == "flux.tokenizers"]
+    (record,) = [record for record in caplog.records if record.name == "flux.weights.tokenizers"]
     assert f"dropped the last {total - max_length}:" in record.getMessage(), record.getMessage()
     last_non_pad = ids[0][ids[0] != reference.pad_token_id][-1] if name == "t5" else ids[0, -1]  # CLIP pads with its eos
     assert last_non_pad.item() == reference.eos_token_id

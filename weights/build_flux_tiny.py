@@ -1,7 +1,7 @@
 """Builds weights/flux-tiny, the small built-in FLUX model, from nothing: `python weights/build_flux_tiny.py`.
 
 Every part is made here, with the library's own modules and training code, from the procedural data set of
-captioned shapes (`flux.shapes`):
+captioned shapes (`flux.training.shapes`):
 
   1. tokenizers    T5's sentencepiece model and CLIP's BPE files, from the caption vocabulary;
   2. text          small T5 and CLIP text encoders with frozen random weights (FLUX's encoders are frozen
@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flux import shapes
-from flux.autoencoder import AutoEncoder, AutoEncoderParams
-from flux.clip import CLIPTextConfig, CLIPTextModel
-from flux.configs import FLUX_SCHNELL, SamplingDefaults
-from flux.loading import load_autoencoder, load_clip, load_t5
-from flux.model import Flux
-from flux.t5 import T5Config, T5Encoder
-from flux.training import encode_captions, encode_images, rectified_flow_loss, sample_timesteps
+from flux.training import shapes
+from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams
+from flux.modules.clip import CLIPTextConfig, CLIPTextModel
+from flux.modules.configs import FLUX_SCHNELL, SamplingDefaults
+from flux.weights.loading import load_autoencoder, load_clip, load_t5
+from flux.modules.transformer import Flux
+from flux.modules.t5 import T5Config, T5Encoder
+from flux.training.objective import encode_captions, encode_images, rectified_flow_loss, sample_timesteps
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("tokenizers", "text", "ae", "cache", "flow", "decoder", "export")
@@ -109,7 +109,7 @@ def stage_tokenizers(args) -> None:
         return
     import sentencepiece as spm
 
-    from flux.tokenizers import T5Tokenizer
+    from flux.weights.tokenizers import T5Tokenizer
 
     rng = random.Random(seeded(args.seed, "tokenizers"))
     captions = [shapes.random_caption(shapes.random_scene(rng), rng) for _ in range(20_000)]
@@ -153,7 +153,7 @@ def with_whole_words(model: bytes, words: list[str]) -> bytes:
     the whole word to two or more pieces. `ModelProto.pieces` is field 1, repeated: pieces appended at the
     end of the message join the list (protobuf concatenates repeated fields), after the trained ones.
     """
-    from flux.tokenizers import _read_sentencepiece_model
+    from flux.weights.tokenizers import _read_sentencepiece_model
 
     with tempfile.NamedTemporaryFile(suffix=".model") as file:
         file.write(model)
@@ -472,7 +472,7 @@ def stage_export(args) -> None:
     state = torch.load(args.work / "flow.pt")
     print(f"exporting the transformer after {state['step']} steps", flush=True)
     save_file({k: v.contiguous() for k, v in state["ema"].items()}, args.out / "flux1-tiny.safetensors")  # fp32: small
-    # The sampling defaults (read by flux.pipeline.sampling_defaults): the pipeline's own description.
+    # The sampling defaults (read by flux.pipelines.pipeline.sampling_defaults): the pipeline's own description.
     write_json(args.out / "flux_defaults.json", asdict(SAMPLING))
     # diffusers' pipeline description, as in the official repository. The transformer and autoencoder are the
     # top-level single files (Black Forest Labs' layout), not diffusers folders, hence null.

@@ -29,7 +29,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-from flux.checkpoint import CheckpointError
+from flux.weights.checkpoint import CheckpointError
 
 LONG_RUN = os.environ.get("FLUX_FUZZ_EXAMPLES")
 CASES = {"count": 0}  # cases run this session, reported by conftest.py

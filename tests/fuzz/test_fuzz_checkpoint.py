@@ -1,4 +1,4 @@
-"""Fuzzing flux/checkpoint.py and the transformer and autoencoder loaders of flux/loading.py.
+"""Fuzzing flux/weights/checkpoint.py and the transformer and autoencoder loaders of flux/weights/loading.py.
 
 Seeds are the tiny snapshot's own files: the official single files (flux1-schnell.safetensors, ae.safetensors),
 a ComfyUI-style prefixed bundle, the diffusers folders (transformer/, vae/) and a sharded copy of transformer/.
@@ -16,8 +16,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flux.checkpoint import read_safetensors
-from flux.loading import autoencoder_official_names, load_autoencoder, load_flow_model, to_official_names
+from flux.weights.checkpoint import read_safetensors
+from flux.weights.layouts import autoencoder_official_names, to_official_names
+from flux.weights.loading import load_autoencoder, load_flow_model
 from fuzzing import case_folder, fuzz_settings, mutated_json_file, mutated_safetensors, odd_values, outcome
 
 

@@ -1,4 +1,4 @@
-"""Fuzzing the repository-level JSON files of flux/pipeline.py: scheduler/scheduler_config.json and
+"""Fuzzing the repository-level JSON files of flux/pipelines/pipeline.py: scheduler/scheduler_config.json and
 flux_defaults.json (the sampling defaults) and model_index.json.
 
 Defaults that load must be usable: they pass the pipeline's own request checks and give a finite, decreasing
@@ -14,9 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flux.configs import configs
-from flux.pipeline import Pipeline, check_request, sampling_defaults
-from flux.sampling import get_schedule
+from flux.modules.configs import configs
+from flux.pipelines.pipeline import Pipeline, check_request, sampling_defaults
+from flux.pipelines.sampling import get_schedule
 from fuzzing import bounded, case_folder, fuzz_settings, mutated_json_file, outcome
 
 

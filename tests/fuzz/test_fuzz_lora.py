@@ -1,4 +1,4 @@
-"""Fuzzing the LoRA loader (flux/lora.py's `load_lora`). The eight bugs it found are fixed; each has a
+"""Fuzzing the LoRA loader (flux/weights/lora.py's `load_lora`). The eight bugs it found are fixed; each has a
 regression test in tests/test_hardening.py (`test_broken_lora_files_name_the_file`).
 
 Seeds are LoRAs `save_lora` writes for the tiny snapshot's transformer in its three layouts (diffusers with
@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from flux.loading import load_flow_model
-from flux.lora import add_lora, load_lora, save_lora, unload_lora
+from flux.weights.loading import load_flow_model
+from flux.weights.lora import add_lora, load_lora, save_lora, unload_lora
 from fuzzing import Mutant, bounded, case_folder, fuzz_settings, mutated_json_file, mutated_safetensors, outcome
 
 

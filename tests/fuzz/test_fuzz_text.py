@@ -1,4 +1,4 @@
-"""Fuzzing the tokenizer loaders (flux/tokenizers.py) and the text encoder loaders (`load_t5`, `load_clip`).
+"""Fuzzing the tokenizer loaders (flux/weights/tokenizers.py) and the text encoder loaders (`load_t5`, `load_clip`).
 
 Seeds are the tiny snapshot's tokenizer/ and tokenizer_2/ folders (vocab.json + merges.txt, spiece.model,
 tokenizer.json) with the fields FLUX.1's own configs carry added (`added_tokens_decoder`, a serialised pad
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flux.loading import load_clip, load_t5
-from flux.tokenizers import CLIPTokenizer, T5Tokenizer
+from flux.weights.loading import load_clip, load_t5
+from flux.weights.tokenizers import CLIPTokenizer, T5Tokenizer
 from fuzzing import bounded, case_folder, fuzz_settings, mutated_bytes, mutated_json_file, mutated_safetensors, outcome
 
 PROMPTS = ["a red cat", "", "   ", "<pad></s><unk><extra_id_0> <|endoftext|><|startoftext|>", "x" * 500,

@@ -7,8 +7,8 @@ shifted toward high noise for larger images, and how many T5 tokens the prompt g
 
 from dataclasses import dataclass, replace
 
-from flux.autoencoder import AutoEncoderParams
-from flux.model import FluxParams
+from flux.modules.autoencoder import AutoEncoderParams
+from flux.modules.transformer import FluxParams
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ W ≈ W8 · scale. At each call the fp8 weight is upcast to the input's dtype an
 stored model computes in bf16 on a GPU and in fp32 on a CPU without bf16 arithmetic, where fp32 is ~4× faster.
 The transformer then takes ~12 GB instead of 23.8 GB (bf16) or 47.6 GB (fp32).
 
-Like LoRA, this acts on a built model from outside: `to_fp8` swaps the blocks' `nn.Linear`s for `Fp8Linear`s,
+Like LoRA, this acts on a built model from outside (flux/weights/quantized.py): `to_fp8` swaps the blocks' `nn.Linear`s for `Fp8Linear`s,
 whose weights keep their official names, each with a `scale_weight` beside it. That is ComfyUI's "scaled fp8"
 layout, so `save_fp8` writes files ComfyUI reads (with the `scaled_fp8` marker it looks for), and
 `load_fp8_flow_model` reads those, the community fp8 files (every tensor in e4m3, no scales: scale 1) and the
@@ -16,7 +16,7 @@ official bf16 files (quantized tensor by tensor as they are read).
 What stays in the compute dtype, as the scaled-fp8 converters in circulation keep it: the embedders (`img_in`,
 `txt_in`, `time_in`, `vector_in`, `guidance_in`) and the final layer — 0.5 % of the weights, but the first and
 last maps of every step, whose errors no later layer averages out — and every bias and norm scale. The
-embedders also tell the compute dtype: `Pipeline` reads it off `img_in`, and `flux.sampling.denoise` off the
+embedders also tell the compute dtype: `Pipeline` reads it off `img_in`, and `flux.pipelines.sampling.denoise` off the
 model's first parameter, which is `img_in`'s.
 
 One caution: PyTorch counts fp8 as floating point, so `model.to(torch.float32)` upcasts the stored weights
@@ -24,31 +24,30 @@ too (the results stay right; the memory is gone). Move a model with `.to(device)
 dtype when loading.
 """
 
-import fnmatch
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux.checkpoint import CheckpointError, load_into, write_safetensors
-from flux.loading import infer_flux_params, read_flow_checkpoint
-from flux.model import Flux
+from flux.weights.checkpoint import CheckpointError, load_into, write_safetensors
+from flux.weights.layouts import infer_flux_params, read_flow_checkpoint
+from flux.weights.quantized import BLOCK_TARGETS, QuantizedLinear, quantized_layers, replace_linears
+from flux.modules.transformer import Flux
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: e4m3fn has no infinities, 0x7F/0xFF are its NaNs
-TARGETS = ("double_blocks.*", "single_blocks.*")  # glob patterns over module names
+TARGETS = BLOCK_TARGETS  # glob patterns over module names
 # ComfyUI's names: `<layer>.scale_weight` multiplies the stored weight; `<layer>.scale_input`, for its fp8
 # matrix products, scales the activations, which we never quantize; `scaled_fp8` marks the file.
 SCALE, INPUT_SCALE, MARKER = "scale_weight", "scale_input", "scaled_fp8"
 
 
-class Fp8Linear(nn.Linear):
-    """An `nn.Linear` whose weight is stored as float8_e4m3fn times one fp32 scale: y = x (W8 · scale)ᵀ + b.
+class Fp8Linear(QuantizedLinear):
+    """A Linear whose weight is stored as float8_e4m3fn times one fp32 scale: y = x (W8 · scale)ᵀ + b.
 
-    It is an `nn.Linear` (same features, same `weight` and `bias` names) so that what looks for Linears —
-    LoRA's forward hooks, the key names — finds it. The bias stays in the compute dtype. The weights are frozen:
-    train a LoRA on top instead.
+    The fp8 weight keeps the name `weight` (a frozen Parameter, as ComfyUI's files hold it) with `scale_weight`
+    beside it. The bias stays in the compute dtype.
     """
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
@@ -56,11 +55,13 @@ class Fp8Linear(nn.Linear):
         if weight.dtype != FP8 or weight.ndim != 2 or scale.shape != () or scale.dtype != torch.float32:
             raise ValueError(f"Fp8Linear takes a 2-D float8_e4m3fn weight and a 0-dim fp32 scale, got "
                              f"{weight.dtype} {tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
-        with torch.device("meta"):  # nn.Linear's own weight: shapes only, replaced below
-            super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None)
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias)
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer(SCALE, scale)
+
+    def dequantize(self, dtype) -> Tensor:
+        weight, factor = upcast(self.weight, dtype)
+        return weight * (self.scale_weight * factor).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         weight, factor = upcast(self.weight, x.dtype)
@@ -113,29 +114,23 @@ def quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
 def to_fp8(model: nn.Module, *, targets=TARGETS) -> nn.Module:
     """Stores the weights of `model`'s `nn.Linear`s named by `targets` (glob patterns) in fp8, in place; returns it.
 
-    One layer at a time: the peak beyond the model is one layer's fp32 copy, and each replaced layer's old
-    weight is freed as soon as nothing else holds it. A model on `meta` gets the structure only (for loading).
-    The default targets are every Linear of the double- and single-stream blocks (see the module docstring).
+    One layer at a time (`replace_linears`): each replaced layer's old weight is freed as soon as nothing else
+    holds it. A model on `meta` gets the structure only (for loading). The default targets are every Linear of
+    the double- and single-stream blocks (see the module docstring).
     """
-    linears = [name for name, module in model.named_modules() if type(module) is nn.Linear]
-    chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, pattern) for pattern in targets)]
-    if not chosen:
-        raise ValueError(f"no nn.Linear of the model matches {targets}; its Linears are named like {linears[:4]}")
-    for name in chosen:  # by name, holding no reference to a replaced layer
-        linear = model.get_submodule(name)
-        if hasattr(linear, "lora"):  # its hook and updates belong to this module object, which is replaced
-            raise ValueError(f"{name} carries a LoRA: convert to fp8 first, then add or load LoRAs")
+    def make(name: str, linear: nn.Linear) -> Fp8Linear:
         if linear.weight.is_meta:
             weight, scale = torch.empty(linear.weight.shape, dtype=FP8, device="meta"), torch.empty((), device="meta")
         else:
             weight, scale = quantize(linear.weight.detach())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Fp8Linear(weight, scale, linear.bias))
+        return Fp8Linear(weight, scale, linear.bias)
+
+    replace_linears(model, targets=targets, make=make)
     return model
 
 
 def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+    return quantized_layers(model, Fp8Linear)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,11 +227,11 @@ def save_fp8(model: nn.Module, path) -> None:
     One tensor at a time (`write_safetensors`). `load_fp8_flow_model` reads it back bit for bit.
     """
     if not fp8_layers(model):
-        raise ValueError("the model has no fp8 layers: convert it with flux.fp8.to_fp8 first")
+        raise ValueError("the model has no fp8 layers: convert it with flux.weights.fp8.to_fp8 first")
     state = model.state_dict()
     carried = [name for name in state if ".lora." in name]
     if carried:
-        raise ValueError(f"the model carries a LoRA ({carried[0]!r}, ...): save it with flux.lora.save_lora, and "
+        raise ValueError(f"the model carries a LoRA ({carried[0]!r}, ...): save it with flux.weights.lora.save_lora, and "
                          "unload_lora before saving the base model")
     # Two elements: ComfyUI reads that as "upcast the weights and multiply in the compute dtype", what Fp8Linear
     # does; with none it may also quantize the activations to fp8 on GPUs that can, which these files do not

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from flux.model import Flux
+from flux.modules.transformer import Flux
 
 _offloaded: "weakref.WeakSet[Flux]" = weakref.WeakSet()  # models with block offload now, so it is applied once
 

@@ -1,56 +1,27 @@
-"""Loading the official FLUX.1 files, and the other layouts in circulation, into our modules.
+"""Where each component's tensors are in a file or folder, the other layouts' names converted to the official
+ones (as data: tables of renames), and the configurations read off the tensors.
 
-Our module trees spell the official keys, so the official files need no renaming. Other layouts are
-converted here, as data: diffusers' folders (tables of renames, with the fused projections they split),
-single files whose keys carry a prefix (`model.diffusion_model.` from ComfyUI-style bundles), and any
-floating dtype, fp8 included. Every model is built on `meta` and the file's tensors are assigned to it
-(`flux.checkpoint.load_into`): no random initialisation, no second copy, and a `CheckpointError` that names
-the file and the tensor for anything that does not fit.
+The official names are Black Forest Labs' for the transformer and autoencoder and the Hugging Face on-disk
+names for CLIP and T5, which our module trees spell. Converted here: diffusers' folders (their split
+projections fused back, the final modulation's halves swapped), single files whose keys carry a prefix
+(`model.diffusion_model.` in ComfyUI-style bundles), and CLIP files written without `text_model.`. Reading a
+configuration off the tensors is one explicit function per component (`infer_flux_params`,
+`infer_autoencoder_params`), never hidden in a model's constructor.
 """
 
-import contextlib
-import dataclasses
 import itertools
 import math
 import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from flux.autoencoder import AutoEncoder, AutoEncoderParams
-from flux.checkpoint import CheckpointError, load_into, read_json_object, read_safetensors, read_weights
-from flux.clip import CLIP, CLIPTextConfig, CLIPTextModel
-from flux.model import Flux, FluxParams
-from flux.t5 import T5, T5Config, T5Encoder
-from flux.tokenizers import CLIPTokenizer, T5Tokenizer
+from flux.modules.autoencoder import AutoEncoderParams
+from flux.modules.transformer import FluxParams
+from flux.weights.checkpoint import CheckpointError, read_json_object, read_safetensors, read_weights
+
 
 WEIGHTS_HELP = "see weights/README.md for where the official files come from"
-
-
-# --------------------------------------------------------------------------------------------------
-# The transformer
-# --------------------------------------------------------------------------------------------------
-
-def load_flow_model(path, *, device="cpu", dtype=torch.bfloat16) -> Flux:
-    """The FLUX transformer from a single file, a diffusers `transformer/` folder, or a snapshot folder.
-
-    The configuration (depths, width, channels, guidance embedding) is read off the weights, so
-    community checkpoints of other depths and the 128/384-channel Fill/Canny/Depth variants load too.
-    fp8 files are converted to `dtype`, ComfyUI's scaled fp8 ones as weight · scale_weight. To keep them in
-    fp8 instead, `dtype=torch.float8_e4m3fn` stores the blocks' Linear weights in fp8 and the rest in bf16;
-    `flux.fp8.load_fp8_flow_model` does the same with the rest, and the arithmetic, in a dtype of your choice.
-    """
-    from flux import fp8  # here rather than at the top: flux.fp8 builds on this module
-
-    if dtype == fp8.FP8:
-        return fp8.load_fp8_flow_model(path, device=device, dtype=torch.bfloat16)
-    state_dict, source = read_flow_checkpoint(Path(path))
-    state_dict = fp8.dequantize_scaled(state_dict, source=source, dtype=dtype)
-    params = infer_flux_params(state_dict, source=source)
-    with torch.device("meta"):
-        model = Flux(params)
-    return load_into(model, state_dict, source=source, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def read_flow_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -227,23 +198,6 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str, source) -> i
     return len(indices)
 
 
-# --------------------------------------------------------------------------------------------------
-# The autoencoder
-# --------------------------------------------------------------------------------------------------
-
-def load_autoencoder(path, *, device="cpu", dtype=torch.bfloat16) -> AutoEncoder:
-    """The FLUX autoencoder from `ae.safetensors`, a diffusers `vae/` folder, or a snapshot folder.
-
-    The structure (widths, levels, blocks, channels) is read off the weights; the latent scale and shift,
-    which no weight file holds, from a diffusers `config.json` when there is one, else FLUX's own.
-    """
-    state_dict, source, config = read_autoencoder_checkpoint(Path(path))
-    params = infer_autoencoder_params(state_dict, config, source=source)
-    with torch.device("meta"):
-        model = AutoEncoder(params)
-    return load_into(model, state_dict, source=source, device=device, dtype=dtype).eval().requires_grad_(False)
-
-
 def read_autoencoder_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Path, dict]:
     """The autoencoder's tensors under the official names, the file or folder they came from, and the
     diffusers config (empty for a single file)."""
@@ -260,7 +214,7 @@ def read_autoencoder_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Pa
                                   f"config.json and diffusion_pytorch_model.safetensors ({WEIGHTS_HELP})")
     if path.is_file():
         return autoencoder_official_names(read_safetensors(path), source=path), path, {}
-    _, config = _read_model_config(path)
+    _, config = read_model_config(path)
     return autoencoder_official_names(read_weights(path, "diffusion_pytorch_model"), source=path), path, config
 
 
@@ -364,75 +318,7 @@ def infer_autoencoder_params(state_dict: dict[str, torch.Tensor], config: dict, 
         raise CheckpointError(f"{source}: not a valid autoencoder configuration: {error}") from None
 
 
-# --------------------------------------------------------------------------------------------------
-# The text encoders
-# --------------------------------------------------------------------------------------------------
-# Both come as Hugging Face folders: `text_encoder_2/` (T5) and `text_encoder/` (CLIP), each a config.json
-# and a model.safetensors (or shards with an index), their tokenizers in the sibling `tokenizer_2/` and
-# `tokenizer/` (or, in folders people assemble themselves, inside the component folder).
-
-def load_t5(path, *, max_length=256, device="cpu", dtype=torch.bfloat16) -> T5:
-    """T5 with its tokenizer, from `text_encoder_2/` or the snapshot root: prompts -> (B, max_length, 4096).
-
-    `max_length` is the padded prompt length: 256 for FLUX.1-schnell, 512 for dev.
-    """
-    folder = _text_encoder_folder(Path(path), "text_encoder_2", "T5")
-    config = read_t5_config(folder)
-    tokenizer_folder = _tokenizer_folder(folder, "tokenizer_2", ("tokenizer.json", "spiece.model"))
-    tokenizer = T5Tokenizer.from_folder(tokenizer_folder, max_length=max_length)
-    _check_vocabulary_fits(tokenizer, config.vocab_size, tokenizer_folder=tokenizer_folder, folder=folder)
-    state_dict = read_weights(folder, "model")
-    # transformers ties the encoder's embedding to `shared`; files written with the tie unrolled store it twice.
-    state_dict.pop("encoder.embed_tokens.weight", None)
-    _check_layer_count(state_dict, "encoder.block", config.num_layers, source=folder)
-    with shapes_only():
-        model = T5Encoder(config)
-    load_into(model, state_dict, source=folder, device=device, dtype=dtype)
-    if dtype == torch.float16:  # as transformers loads T5 in fp16: these outputs overflow fp16 (see t5.py)
-        for block in model.encoder.block:
-            block.layer[1].DenseReluDense.wo.float()
-    return T5(model, tokenizer).eval().requires_grad_(False)
-
-
-def load_clip(path, *, device="cpu", dtype=torch.bfloat16) -> CLIP:
-    """CLIP's text tower with its tokenizer, from `text_encoder/` or the snapshot root: prompts -> (B, 768)."""
-    folder = _text_encoder_folder(Path(path), "text_encoder", "CLIP")
-    config = read_clip_config(folder)
-    tokenizer_folder = _tokenizer_folder(folder, "tokenizer", ("tokenizer.json", "vocab.json"))
-    tokenizer = CLIPTokenizer.from_folder(tokenizer_folder, max_length=config.max_position_embeddings)
-    _check_vocabulary_fits(tokenizer, config.vocab_size, tokenizer_folder=tokenizer_folder, folder=folder)
-    state_dict = clip_official_names(read_weights(folder, "model"), source=folder)
-    _check_layer_count(state_dict, "text_model.encoder.layers", config.num_hidden_layers, source=folder)
-    with shapes_only():
-        model = CLIPTextModel(config)
-    load_into(model, state_dict, source=folder, device=device, dtype=dtype)
-    return CLIP(model, tokenizer).eval().requires_grad_(False)
-
-
-@contextlib.contextmanager
-def shapes_only():
-    """Builds modules on `meta` (shapes, no memory) without nn.Embedding's random initialisation: on `meta`
-    its `normal_` runs a Python decomposition whose first call imports torch._dynamo, a second or more of
-    the load for values that `load_into` replaces anyway."""
-    reset = nn.Embedding.reset_parameters
-    nn.Embedding.reset_parameters = lambda self: None
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        nn.Embedding.reset_parameters = reset
-
-
-def _check_vocabulary_fits(tokenizer, vocab_size: int, *, tokenizer_folder: Path, folder: Path) -> None:
-    """Every id the tokenizer can produce needs a row in the encoder's embedding, or the first prompt that
-    uses one fails deep inside the model."""
-    largest = max(tokenizer.backend.get_vocab(with_added_tokens=True).values())
-    if largest >= vocab_size:
-        raise CheckpointError(f"{tokenizer_folder}: the tokenizer's ids go up to {largest}, but {folder / 'config.json'} "
-                              f"gives the encoder {vocab_size} embeddings; the tokenizer and the model do not belong together")
-
-
-def _check_layer_count(state_dict: dict[str, torch.Tensor], prefix: str, declared: int, *, source: Path) -> None:
+def check_layer_count(state_dict: dict[str, torch.Tensor], prefix: str, declared: int, *, source: Path) -> None:
     """Before the model is built: config.json may declare any number of layers, and building millions of them,
     even on `meta`, takes minutes."""
     found = _count_blocks(state_dict, re.escape(prefix), source)
@@ -454,71 +340,8 @@ def clip_official_names(state_dict: dict[str, torch.Tensor], *, source: Path) ->
             if not name.endswith("embeddings.position_ids")}
 
 
-def read_t5_config(folder: Path) -> T5Config:
-    """The T5Config a transformers `config.json` describes; only T5 v1.1's gated-GELU encoder is accepted."""
-    path, config = _read_model_config(folder)
-    if config.get("feed_forward_proj", "relu") != "gated-gelu":
-        raise CheckpointError(f"{path}: feed_forward_proj is {config.get('feed_forward_proj', 'relu')!r}; "
-                              "FLUX.1 uses T5 v1.1, whose feed-forward is 'gated-gelu'")
-    return _config_from(path, config, T5Config, defaults=dict(
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6))
-
-
-def read_clip_config(folder: Path) -> CLIPTextConfig:
-    """The CLIPTextConfig a transformers `config.json` describes (text tower only, quick-GELU)."""
-    path, config = _read_model_config(folder)
-    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"{path}: hidden_act is {config['hidden_act']!r}; CLIP ViT-L/14 was trained with "
-                              "'quick_gelu', and FLUX.1's text_encoder uses it")
-    # transformers pools at argmax(input_ids) when the config says eos_token_id 2 (the original CLIP configs'
-    # error; the true end-of-text id is 49407, the largest): we do the same, spelled as None.
-    eos = config.get("eos_token_id", 2)
-    return _config_from(path, {**config, "eos_token_id": None if eos == 2 else eos}, CLIPTextConfig,
-                        defaults=dict(max_position_embeddings=77, layer_norm_eps=1e-5))
-
-
-def _read_model_config(folder: Path) -> tuple[Path, dict]:
+def read_model_config(folder: Path) -> tuple[Path, dict]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json here ({WEIGHTS_HELP})")
     return path, read_json_object(path)
-
-
-def _config_from(path: Path, config: dict, cls, *, defaults: dict):
-    """`cls` (a config dataclass) from the JSON fields of the same names; errors name the file and field."""
-    values = {}
-    for field in dataclasses.fields(cls):
-        if field.name in config:
-            value = config[field.name]
-        elif field.name in defaults:
-            value = defaults[field.name]
-        else:
-            raise CheckpointError(f"{path}: the field {field.name!r} is missing")
-        if field.name.endswith(("epsilon", "_eps")) and type(value) is int:
-            value = float(value)  # JSON writes 1.0 as 1
-        values[field.name] = value
-    try:
-        return cls(**values)
-    except ValueError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-
-
-def _text_encoder_folder(path: Path, name: str, model: str) -> Path:
-    """`path` itself when it holds config.json (a component folder), else its `name/` (a snapshot root)."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found; pass the {name}/ folder or a FLUX.1 repository folder ({WEIGHTS_HELP})")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: the {model} encoder is a folder ({name}/ with config.json and model weights), not a file")
-    if (path / "config.json").is_file() or not (path / name).is_dir():
-        return path  # reading config.json reports it when it is missing
-    return path / name
-
-
-def _tokenizer_folder(folder: Path, name: str, markers: tuple[str, ...]) -> Path:
-    """The tokenizer beside the encoder: inside its folder when there (files a user gathered in one place),
-    else the repository's sibling `name/` folder."""
-    for candidate in (folder, folder.parent / name):
-        if any((candidate / marker).is_file() for marker in markers):
-            return candidate
-    raise CheckpointError(f"{folder}: no tokenizer found, neither in this folder nor in {folder.parent / name} "
-                          f"(expected {' or '.join(markers)}); the repository keeps it in {name}/")

@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flux import lora
-from flux.checkpoint import CheckpointError, read_json_object
-from flux.configs import SamplingDefaults, configs
-from flux.fp8 import load_fp8_flow_model
-from flux.loading import WEIGHTS_HELP, load_autoencoder, load_clip, load_flow_model, load_t5
-from flux.offload import offload_blocks
-from flux.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
+from flux.weights import lora
+from flux.weights.checkpoint import CheckpointError, read_json_object
+from flux.modules.configs import SamplingDefaults, configs
+from flux.weights.fp8 import load_fp8_flow_model
+from flux.weights.loading import WEIGHTS_HELP, load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.runtime.offload import offload_blocks
+from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 
 log = logging.getLogger("flux")
 
@@ -51,7 +51,7 @@ class Pipeline:
         self._text_encoder_dtype = next(clip.parameters()).dtype
         device = next(model.parameters()).device if device is None else device
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
-        # The compute dtype, read off the first embedder: the blocks' weights may be stored in fp8 (flux.fp8).
+        # The compute dtype, read off the first embedder: the blocks' weights may be stored in fp8 (flux.weights.fp8).
         self.dtype = model.img_in.weight.dtype
         if not offload:
             for module in (model, ae, t5, clip):
@@ -68,13 +68,13 @@ class Pipeline:
         embedding means dev-style sampling, as do the repository's scheduler settings when present.
         `offload`: False keeps everything on `device`. "model" (or True) keeps the weights on the CPU, and each
         component visits `device` only while it runs. "blocks" also streams the transformer block by block
-        (flux/offload.py): the device then holds its small parts and about two of its blocks.
+        (flux/runtime/offload.py): the device then holds its small parts and about two of its blocks.
         With `release_text_encoders`, T5 and CLIP are dropped once the prompts are encoded and read again from
         the files at the next call (memory-mapped: a fraction of a second when the files are in the page
         cache), so the peak memory holds the text encoders or the transformer, not both: for FLUX.1 in bf16,
         about 9.5 GB less.
         With `fp8`, the transformer's block weights are stored in float8_e4m3fn (about 12 GB for FLUX.1, from any
-        file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/fp8.py).
+        file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/weights/fp8.py).
         """
         _check_offload(offload)
         root = resolve_snapshot(path)
@@ -93,7 +93,7 @@ class Pipeline:
 
     def load_lora(self, path, *, strength: float = 1.0) -> list[str]:
         """Adds a LoRA file (diffusers, kohya, Black Forest Labs, XLabs or OneTrainer keys) to the transformer,
-        un-merged, at `strength`; returns the layers it changes. Several may be loaded; see `flux.lora`."""
+        un-merged, at `strength`; returns the layers it changes. Several may be loaded; see `flux.weights.lora`."""
         return lora.load_lora(self.model, path, strength=strength)
 
     def unload_lora(self) -> None:

@@ -6,7 +6,7 @@ straight path between an image's latents x0 (t = 0) and Gaussian noise ε (t = 1
 
     x_t = (1 − t)·x0 + t·ε,    target v = ε − x0,    loss = mean ‖model(x_t, t) − v‖².
 
-The model is called exactly as in sampling (`flux.sampling.denoise`): packed 2×2-patch tokens, position ids,
+The model is called exactly as in sampling (`flux.pipelines.sampling.denoise`): packed 2×2-patch tokens, position ids,
 T5 states and CLIP's pooled vector, and a guidance value for dev-style models. The text encoders and the
 autoencoder are frozen, so their outputs are computed once (`build_cache`) and kept in a `LatentCache`,
 on disk if wanted: only the transformer then needs to stay in memory while training.
@@ -15,7 +15,7 @@ The data is a folder of `name.png` + `name.txt` pairs (`read_folder`). Images ar
 but sorted into buckets of about the same area and different aspect ratios (`bucket_sizes`; NovelAI's
 aspect-ratio bucketing), each resized to cover its bucket and centre-cropped (`load_image`).
 
-The training loop itself is `flux.train`.
+The training loop itself is `flux.training.loop`.
 
 Axes: B batch, C latent channels (16), H and W latent height and width, N image tokens, T text tokens,
 D T5's width, V CLIP's width.
@@ -33,12 +33,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from flux.autoencoder import AutoEncoder
-from flux.checkpoint import CheckpointError, read_safetensors
-from flux.clip import CLIP
-from flux.model import Flux
-from flux.sampling import image_ids, pack, text_ids
-from flux.t5 import T5
+from flux.modules.autoencoder import AutoEncoder
+from flux.weights.checkpoint import CheckpointError, read_safetensors
+from flux.modules.clip import CLIP
+from flux.modules.transformer import Flux
+from flux.pipelines.sampling import image_ids, pack, text_ids
+from flux.modules.t5 import T5
 
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shifted")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -100,7 +100,7 @@ def sample_timesteps(
     - "uniform": t ~ U(0, 1);
     - "logit_normal": t = sigmoid(n), n ~ N(mean, std) — SD3's choice, weighting the middle of the path;
     - "shifted" (FLUX): a logit-normal time pushed toward noise by the same resolution-dependent shift the
-      dev schedule uses at sampling (`flux.sampling.get_schedule`): mu linear in `image_tokens`, from
+      dev schedule uses at sampling (`flux.pipelines.sampling.get_schedule`): mu linear in `image_tokens`, from
       `base_shift` at 256 tokens to `max_shift` at 4096, then t <- e^mu / (e^mu + (1/t − 1)).
     Drawn on the CPU from `generator` (reproducible on every device), then moved to `device`.
     """

@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flux.tokenizers import T5Tokenizer
-
 
 @dataclass(frozen=True)
 class T5Config:
@@ -104,9 +102,11 @@ class T5(nn.Module):
 
     `tokenize` and `encode` are the two halves, for callers who bring their own ids or masks. The state dict
     is the encoder's under `model.`; load the official weights with `flux.load_t5`.
+    `tokenizer` is any callable prompts -> (B, L) int64 ids with `max_length` and `pad_token_id` attributes; the files'
+    tokenizer is `flux.weights.tokenizers.T5Tokenizer` (file reading belongs to the floor above this one).
     """
 
-    def __init__(self, model: T5Encoder, tokenizer: T5Tokenizer):
+    def __init__(self, model: T5Encoder, tokenizer):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.pad_token_id = tokenizer.pad_token_id

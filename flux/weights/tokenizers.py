@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-from flux.checkpoint import CheckpointError, read_json_object
+from flux.weights.checkpoint import CheckpointError, read_json_object
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ rest eager, which costs little and buys three things:
   Compiling `Flux.forward` whole would unroll all 57 blocks into one graph and compile each of them.
 - fullgraph=True: a graph break inside a block, a silent slowdown otherwise, is an error at the first call.
 - Hooks stay outside the compiled code. The block's `forward` is what is compiled, not its `__call__` (what
-  `nn.Module.compile` compiles), so forward hooks, such as flux/offload.py's, which move weights and queue work
+  `nn.Module.compile` compiles), so forward hooks, such as flux/runtime/offload.py's, which move weights and queue work
   on CUDA streams, run eagerly around each compiled block. Hooks inside the block (a LoRA's, on its Linears)
   are traced with it.
 
@@ -21,7 +21,7 @@ records the weights' addresses, so it does not combine with block offload, whose
 
 import torch
 
-from flux.model import Flux
+from flux.modules.transformer import Flux
 
 
 def compile_blocks(model: Flux, *, backend: str = "inductor", mode: str | None = None,

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from flux.tokenizers import CLIPTokenizer
-
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -108,9 +106,11 @@ class CLIP(nn.Module):
 
     `tokenize` and `encode` are the two halves, for callers who bring their own ids or masks. The state dict
     is the text tower's under `model.`; load the official weights with `flux.load_clip`.
+    `tokenizer` is any callable prompts -> (B, L) int64 ids with `max_length` attributes; the files'
+    tokenizer is `flux.weights.tokenizers.CLIPTokenizer` (file reading belongs to the floor above this one).
     """
 
-    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer):
+    def __init__(self, model: CLIPTextModel, tokenizer):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
 

@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from flux.checkpoint import CheckpointError, read_safetensors
-from flux.loading import diffusers_name_table
-from flux.model import Flux
+from flux.weights.checkpoint import CheckpointError, read_safetensors
+from flux.weights.layouts import diffusers_name_table
+from flux.modules.transformer import Flux
 
 # The attention and MLP projections of every block. The modulation layers (`img_mod.lin`, ...), whose
 # outputs scale and gate whole residual streams, and the embedders are left out; name them to train them.
@@ -49,7 +49,7 @@ KEY_SUFFIXES = {
 }
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.")
 # diffusers stores the final layer's modulation as (scale, shift), the official model as (shift, scale):
-# B's row halves swap between the two namings, as in flux.loading.from_diffusers.
+# B's row halves swap between the two namings, as in flux.weights.loading.from_diffusers.
 SWAPPED_HALVES = {"final_layer.adaLN_modulation.1"}
 
 
@@ -299,7 +299,7 @@ def _key_stems(model: Flux) -> dict[str, Target]:
 
 
 def _diffusers_modules(model: Flux) -> dict[str, tuple[str, int]]:
-    """diffusers module name -> (our module, which part of it), from flux.loading's tensor-name table."""
+    """diffusers module name -> (our module, which part of it), from flux.weights.loading's tensor-name table."""
     table = diffusers_name_table(model.params.depth, model.params.depth_single_blocks)
     return {theirs.removesuffix(".weight"): (ours.removesuffix(".weight"), part)
             for ours, parts in table.items() if ours.endswith(".weight")

@@ -1,9 +1,9 @@
-"""Fine-tuning FLUX: `train(TrainConfig(...))` from Python, `flux train` or `python -m flux.train` from a shell.
+"""Fine-tuning FLUX: `train(TrainConfig(...))` from Python, `flux train` or `python -m flux.training.loop` from a shell.
 
 One loop from a laptop to many machines. It loads a FLUX.1 snapshot, encodes the image folder once with the
 autoencoder and the text encoders (`flux.training.build_cache`) and frees them, then runs AdamW on the
 rectified-flow loss (`flux.training.rectified_flow_loss`): on every weight of the transformer (full
-fine-tuning) or on a LoRA (`flux.lora.add_lora`). Every `save_every` steps it writes a checkpoint folder:
+fine-tuning) or on a LoRA (`flux.weights.lora.add_lora`). Every `save_every` steps it writes a checkpoint folder:
 
     checkpoint-000500/
         model.safetensors           the transformer, official key names (full fine-tuning), or
@@ -48,15 +48,15 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from flux.autoencoder import AutoEncoder
-from flux.checkpoint import CheckpointError, read_safetensors
-from flux.configs import SamplingDefaults
-from flux.loading import load_autoencoder, load_clip, load_flow_model, load_t5
-from flux.lora import DEFAULT_TARGETS, add_lora, save_lora
-from flux.model import Flux
-from flux.pipeline import default_device, resolve_snapshot, sampling_defaults
-from flux.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
-from flux.training import (
+from flux.modules.autoencoder import AutoEncoder
+from flux.weights.checkpoint import CheckpointError, read_safetensors
+from flux.modules.configs import SamplingDefaults
+from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.weights.lora import DEFAULT_TARGETS, add_lora, save_lora
+from flux.modules.transformer import Flux
+from flux.pipelines.pipeline import default_device, resolve_snapshot, sampling_defaults
+from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+from flux.training.objective import (
     TIMESTEP_SAMPLERS, LatentCache, bucket_sizes, build_cache, image_size, load_cache, nearest_bucket, read_folder,
     rectified_flow_loss, sample_timesteps, save_cache,
 )
@@ -463,7 +463,7 @@ def whole_parameters(model: nn.Module):
 def write_samples(model: nn.Module, ae: AutoEncoder | None, cache: LatentCache, config: TrainConfig,
                   defaults: SamplingDefaults, *, step: int, device: torch.device, autocast) -> None:
     """One image per sample prompt into `output/samples/`, always from the same seed, so that the images of
-    successive steps compare. The sampler is the pipeline's (`flux.sampling`), fed the prompts' cached
+    successive steps compare. The sampler is the pipeline's (`flux.pipelines.sampling`), fed the prompts' cached
     embeddings: `flux.Pipeline` would need the text encoders, which training has freed. Under FSDP2 every
     rank runs the transformer; rank 0 (the one holding `ae`) decodes and writes."""
     prompts = list(config.sample_prompts or [cache.captions[0]])

@@ -11,12 +11,13 @@ Axes: B batch, C latent channels (16), H and W latent height and width (image si
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from flux.model import Flux
+from flux.modules.transformer import Flux
 
 
 def get_noise(num_samples: int, height: int, width: int, *, seed: int | Sequence[int], device="cpu",
@@ -97,11 +98,32 @@ def img2img_start(x0: Tensor, noise: Tensor, timesteps: list[float], strength: f
     return t * noise + (1 - t) * x0, timesteps[start:]
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What an image-conditioned variant adds to the transformer's input at every step; the loop is the same.
+
+    The FLUX.1 family conditions on images in two ways (../shared/manifests/README.md, "The FLUX.1 family"):
+    - `channels` (B, N, C): concatenated after each image token's 64 latent channels, so `img_in` sees 64 + C
+      (Fill: C = 320, the masked image's 64 and the mask's 256; Canny/Depth: C = 64, the control image's);
+    - `tokens` (B, M, 64) with `token_ids` (B, M, 3): appended after the N image tokens, with their own positions
+      (Kontext's references); the prediction for them is dropped, only the first N tokens are integrated.
+    Extra text tokens (Redux) need no hook: they are concatenated to the prompt's T5 states before the loop.
+    """
+    channels: Tensor | None = None
+    tokens: Tensor | None = None
+    token_ids: Tensor | None = None
+
+    def __post_init__(self):
+        if (self.tokens is None) != (self.token_ids is None):
+            raise ValueError("Conditioning: tokens and token_ids go together (the reference tokens and their positions)")
+
+
 def denoise(
     model: Flux, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor, timesteps: list[float], *,
     guidance: float | None = None, txt_mask: Tensor | None = None,
     negative: tuple[Tensor, Tensor, Tensor | None] | None = None, true_cfg_scale: float = 1.0,
     callback: Callable[[int, float, Tensor], None] | None = None, progress: Callable | None = None,
+    condition: Conditioning | None = None,
 ) -> Tensor:
     """Euler integration from `img` (B, N, 64) at timesteps[0] to timesteps[-1]; returns (B, N, 64) in fp32.
 
@@ -109,9 +131,22 @@ def denoise(
     guidance scale fed to dev-style models (a model input, not classifier-free guidance). `negative`
     = (txt, vec, txt_mask or None) of a negative prompt, with `true_cfg_scale` > 1, adds real classifier-free guidance: two
     predictions per step, uncond + s·(cond − uncond). The latents are integrated in fp32 whatever the
-    model's dtype; nothing in the loop waits on the device.
+    model's dtype; nothing in the loop waits on the device. `condition` adds a variant's image conditioning.
     """
     batch, dtype = img.shape[0], next(model.parameters()).dtype
+    condition = Conditioning() if condition is None else condition
+    num_image_tokens = img.shape[1]
+    channels = None if condition.channels is None else condition.channels.to(dtype)
+    tokens = None if condition.tokens is None else condition.tokens.to(dtype)
+    if tokens is not None:  # reference tokens sit after the image tokens, in the positions and in the sequence
+        img_ids = torch.cat([img_ids, condition.token_ids.to(img_ids)], dim=1)
+
+    def model_input(x: Tensor) -> Tensor:  # (B, N, 64) fp32 -> (B, N [+ M], 64 [+ C]) in the model's dtype
+        x = x.to(dtype)
+        if channels is not None:
+            x = torch.cat([x, channels], dim=-1)
+        return x if tokens is None else torch.cat([x, tokens], dim=1)
+
     x = img.float()
     guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=dtype) if model.params.guidance_embed else None
     # The positions do not change from step to step, so neither does the rotary table: built once, here.
@@ -123,10 +158,12 @@ def denoise(
     steps = list(zip(timesteps[:-1], timesteps[1:]))
     for index, (t_curr, t_next) in enumerate(progress(steps) if progress else steps):
         t_vec = torch.full((batch,), t_curr, device=img.device, dtype=dtype)
-        velocity = model(x.to(dtype), img_ids, txt, txt_ids, t_vec, vec, guidance_vec, txt_mask=txt_mask, rope=rope).float()
+        inputs = model_input(x)
+        velocity = model(inputs, img_ids, txt, txt_ids, t_vec, vec, guidance_vec, txt_mask=txt_mask, rope=rope)
+        velocity = velocity[:, :num_image_tokens].float()  # (B, N, 64): the reference tokens' prediction dropped
         if negative is not None and true_cfg_scale > 1:
-            uncond = model(x.to(dtype), img_ids, negative_txt, negative_ids, t_vec, negative_vec, guidance_vec,
-                           txt_mask=negative_mask, rope=negative_rope).float()
+            uncond = model(inputs, img_ids, negative_txt, negative_ids, t_vec, negative_vec, guidance_vec,
+                           txt_mask=negative_mask, rope=negative_rope)[:, :num_image_tokens].float()
             velocity = uncond + true_cfg_scale * (velocity - uncond)
         x = x + (t_next - t_curr) * velocity
         if callback is not None:

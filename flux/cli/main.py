@@ -1,0 +1,103 @@
+"""The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
+`flux train ...` is `python -m flux.training.loop ...` (see `flux train --help`).
+
+Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
+never a traceback.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="flux", description="FLUX.1 text-to-image in pure PyTorch.")
+    commands = main.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="FLUX.1 repository folder or Hugging Face repo id (default: the built-in tiny model)")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG path; several images get _0, _1, ... suffixes")
+    gen.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's, 1024 for FLUX.1)")
+    gen.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's, 1024 for FLUX.1)")
+    gen.add_argument("--steps", type=int, default=None, help="default: 4 for schnell, 50 for dev")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None, help="distilled guidance (dev-style models only)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--image", type=Path, help="start from this image (image-to-image)")
+    gen.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    # Bare --offload is "model", what it meant before "blocks" existed.
+    gen.add_argument("--offload", nargs="?", const="model", default=False, choices=["model", "blocks"],
+                     help="keep weights on the CPU: 'model' (or bare --offload) moves each component to the device only "
+                          "while it runs, 'blocks' also streams the transformer through it block by block")
+    gen.add_argument("--fp8", action="store_true", help="store the transformer's block weights in fp8 (float8_e4m3fn, "
+                     "about 12 GB for FLUX.1) and compute in --dtype (on a CPU without bf16 instructions: --dtype fp32)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    # Listed for `flux --help`; `main` hands everything after `train` to flux.training.loop, which has its own flags.
+    commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
+    return main
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from flux.training.loop import main as train
+
+        return train(argv[1:])
+    args = parser().parse_args(argv)  # exits with 2 on malformed arguments
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
+    from PIL import Image, PngImagePlugin
+
+    from flux.weights.checkpoint import CheckpointError
+    from flux.pipelines.pipeline import Pipeline, builtin_model, check_request
+
+    try:
+        image = None
+        if args.image is not None:
+            if not args.image.is_file():
+                raise ValueError(f"--image {args.image}: file not found")
+            try:
+                image = Image.open(args.image)
+                image.load()
+            except (OSError, Image.DecompressionBombError) as error:
+                raise ValueError(f"--image {args.image}: not an image this program can read ({error})") from None
+        # Before loading the model: a bad size should not cost a 30 GB read.
+        check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
+                      num_images_per_prompt=args.num_images, strength=args.strength, image=image)
+        model = args.model if args.model is not None else builtin_model()
+        # One call per process: the text encoders are never needed again once the prompt is encoded.
+        pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload,
+                                        release_text_encoders=True, fp8=args.fp8)
+        images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
+                      strength=args.strength, progress=not args.quiet)
+    except (ValueError, CheckpointError) as error:
+        print(f"flux: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the one place that turns failures into an exit code
+        print(f"flux: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+    output = Path(args.output)
+    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(len(images))]
+    for picture, path in zip(images, paths):
+        metadata = PngImagePlugin.PngInfo()
+        for key, value in picture.info.items():
+            metadata.add_text(key, str(value))
+        metadata.add_text("model", str(model))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path, pnginfo=metadata)
+        if not args.quiet:
+            print(f"flux: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
