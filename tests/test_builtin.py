@@ -16,7 +16,8 @@ from PIL import Image
 import flux
 from flux.training import shapes
 from flux.cli.main import main
-from flux.pipelines.pipeline import BUILTIN, Pipeline
+from flux.pipelines.pipeline import Pipeline
+from flux.pipelines.snapshots import BUILTIN
 
 pytestmark = pytest.mark.skipif(not (BUILTIN / "model_index.json").is_file(),
                                 reason="weights/flux-tiny not built (python weights/build_flux_tiny.py)")

@@ -27,7 +27,9 @@ import flux.pipelines.pipeline
 from flux.weights.checkpoint import CheckpointError, read_safetensors, read_weights
 from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
 from flux.weights.lora import load_lora
-from flux.pipelines.pipeline import Pipeline, activation_bytes, sampling_defaults
+from flux.pipelines.pipeline import Pipeline
+from flux.pipelines.requests import activation_bytes
+from flux.pipelines.snapshots import sampling_defaults
 from flux.pipelines.sampling import get_noise
 from flux.weights.tokenizers import CLIPTokenizer, T5Tokenizer
 

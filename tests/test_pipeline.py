@@ -12,7 +12,8 @@ from PIL import Image
 
 from flux import CheckpointError
 from flux.cli.main import main
-from flux.pipelines.pipeline import Pipeline, resolve_snapshot
+from flux.pipelines.pipeline import Pipeline
+from flux.pipelines.snapshots import resolve_snapshot
 from flux.pipelines.sampling import pack
 
 diffusers = pytest.importorskip("diffusers")

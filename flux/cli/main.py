@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--image", type=Path, help="start from this image (image-to-image)")
     gen.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="compute dtype (default: bf16 on GPUs and on CPUs with bf16 instructions, else fp32)")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     # Bare --offload is "model", what it meant before "blocks" existed.
     gen.add_argument("--offload", nargs="?", const="model", default=False, choices=["model", "blocks"],
@@ -56,7 +57,9 @@ def main(argv=None) -> int:
     from PIL import Image, PngImagePlugin
 
     from flux.weights.checkpoint import CheckpointError
-    from flux.pipelines.pipeline import Pipeline, builtin_model, check_request
+    from flux.pipelines.pipeline import Pipeline
+    from flux.pipelines.requests import check_request
+    from flux.pipelines.snapshots import builtin_model
 
     try:
         image = None
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
                       num_images_per_prompt=args.num_images, strength=args.strength, image=image)
         model = args.model if args.model is not None else builtin_model()
         # One call per process: the text encoders are never needed again once the prompt is encoded.
-        pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload,
+        pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                       guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,

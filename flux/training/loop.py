@@ -54,7 +54,8 @@ from flux.modules.configs import SamplingDefaults
 from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
 from flux.weights.lora import DEFAULT_TARGETS, add_lora, save_lora
 from flux.modules.transformer import Flux
-from flux.pipelines.pipeline import default_device, resolve_snapshot, sampling_defaults
+from flux.pipelines.devices import default_device
+from flux.pipelines.snapshots import resolve_snapshot, sampling_defaults
 from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from flux.training.objective import (
     TIMESTEP_SAMPLERS, LatentCache, bucket_sizes, build_cache, image_size, load_cache, nearest_bucket, read_folder,

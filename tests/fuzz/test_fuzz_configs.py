@@ -15,7 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flux.modules.configs import configs
-from flux.pipelines.pipeline import Pipeline, check_request, sampling_defaults
+from flux.pipelines.pipeline import Pipeline
+from flux.pipelines.requests import check_request
+from flux.pipelines.snapshots import sampling_defaults
 from flux.pipelines.sampling import get_schedule
 from fuzzing import bounded, case_folder, fuzz_settings, mutated_json_file, outcome
 
