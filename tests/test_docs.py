@@ -236,7 +236,8 @@ def test_code_references_name_what_exists(page):
 DOCUMENTED_MODULES = ("weights/tokenizers", "modules/t5", "modules/clip", "pipelines/sampling", "modules/transformer",
                       "modules/autoencoder", "modules/configs", "weights/checkpoint", "weights/layouts",
                       "weights/loading", "pipelines/pipeline", "cli/main", "weights/fp8", "runtime/offload",
-                      "runtime/compile")
+                      "runtime/compile", "weights/quantized", "pipelines/requests", "pipelines/devices",
+                      "pipelines/snapshots")
 
 
 def test_every_public_function_and_class_is_referenced():

@@ -27,16 +27,23 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import flux.training.checkpoints
+import flux.training.command
+import flux.training.config
+import flux.training.data
 import flux.training.loop
 import flux.training.objective
 from flux.modules.configs import TINY
 from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
 from flux.modules.transformer import Flux
-from flux.training.loop import DataOrder, TrainConfig, config_from, parser, train
-from flux.training.objective import (
-    bucket_sizes, build_cache, image_size, load_cache, load_image, nearest_bucket, read_folder, rectified_flow_loss,
-    sample_timesteps, save_cache,
+from flux.training.command import parser
+from flux.training.config import TrainConfig, config_from
+from flux.training.data import DataOrder
+from flux.training.loop import train
+from flux.training.data import (
+    bucket_sizes, build_cache, image_size, load_cache, load_image, nearest_bucket, read_folder, save_cache,
 )
+from flux.training.objective import rectified_flow_loss, sample_timesteps
 
 MICRO = replace(TINY, hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1)
 CAPTIONS = ("a red circle", "a blue square on the left", "a green triangle at the top", "a yellow cat in the sky")
@@ -352,7 +359,7 @@ def test_command_line_lora_run_on_a_dev_model(micro_dev, tmp_path):
 def test_the_training_page_shows_the_command_as_it_is():
     """docs/training.md: every flag of `flux train` in its table and no other, its command lines and TOML
     example valid settings (parsed and checked, not run: they name FLUX.1-dev), and every public function and
-    class of flux/training/objective.py and flux/training/loop.py named."""
+    class of flux/training/ named."""
     page = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text(encoding="utf-8")
     flags = {name for action in parser()._actions for name in action.option_strings if name not in ("-h", "--help")}
     table = page[page.index("| flag | default | meaning |"):]
@@ -362,16 +369,17 @@ def test_the_training_page_shows_the_command_as_it_is():
 
     blocks = re.findall(r"^```(\w+)\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
     commands = [line for language, block in blocks if language == "sh"
-                for line in re.sub(r"\\\n\s*", " ", block).splitlines() if "flux train" in line or "flux.training.loop" in line]
+                for line in re.sub(r"\\\n\s*", " ", block).splitlines() if "flux train" in line or "flux.training" in line]
     assert len(commands) == 3
     for command in commands:
         words = shlex.split(command.split("#")[0])
-        arguments = vars(parser().parse_args(words[words.index("flux.training.loop" if "flux.training.loop" in words else "train") + 1:]))
+        arguments = vars(parser().parse_args(words[words.index("flux.training" if "flux.training" in words else "train") + 1:]))
         if "config" not in arguments:
             config_from(arguments)
     (toml,) = [block for language, block in blocks if language == "toml"]
     config_from(tomllib.loads(toml) | {"steps": 2000})
-    for module in (flux.training.objective, flux.training.loop):
+    for module in (flux.training.objective, flux.training.data, flux.training.config, flux.training.checkpoints,
+                   flux.training.command, flux.training.loop):
         public = [name for name, value in vars(module).items() if not name.startswith("_") and
                   (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == module.__name__]
         assert all(f"`{name}`" in page for name in public), [name for name in public if f"`{name}`" not in page]

@@ -1,5 +1,5 @@
 """The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
-`flux train ...` is `python -m flux.training.loop ...` (see `flux train --help`).
+`flux train ...` is `python -m flux.training ...` (see `flux train --help`).
 
 Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
 never a traceback.
@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--fp8", action="store_true", help="store the transformer's block weights in fp8 (float8_e4m3fn, "
                      "about 12 GB for FLUX.1) and compute in --dtype (on a CPU without bf16 instructions: --dtype fp32)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
-    # Listed for `flux --help`; `main` hands everything after `train` to flux.training.loop, which has its own flags.
+    # Listed for `flux --help`; `main` hands everything after `train` to flux.training.command, which has its own flags.
     commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
     return main
 
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
-        from flux.training.loop import main as train
+        from flux.training.command import main as train
 
         return train(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments

@@ -9,7 +9,6 @@ import numbers
 
 import torch
 
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_STEPS = 10_000
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1-dev was trained with 512, and diffusers refuses more

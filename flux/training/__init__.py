@@ -3,3 +3,6 @@ and the coloured-shapes data set of the built-in model. `python -m flux.training
 
 May import every floor below it; nothing below imports it.
 """
+
+from flux.training.config import TrainConfig
+from flux.training.loop import TrainResult, train

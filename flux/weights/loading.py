@@ -19,7 +19,7 @@ from flux.modules.clip import CLIP, CLIPTextConfig, CLIPTextModel
 from flux.modules.t5 import T5, T5Config, T5Encoder
 from flux.modules.transformer import Flux
 from flux.weights import fp8
-from flux.weights.checkpoint import CheckpointError, load_into, read_json_object, read_weights
+from flux.weights.checkpoint import CheckpointError, load_into, read_weights
 from flux.weights.layouts import (
     WEIGHTS_HELP,
     check_layer_count,
