@@ -326,7 +326,8 @@ def machine(threads: int) -> dict:
             "quiet_flag": Path("/tmp/flux-quiet").exists(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             # Which code was measured: the files change under a working tree that is not yet committed.
             "sha256": {name: hashlib.sha256((ROOT / "flux" / name).read_bytes()).hexdigest()[:16]
-                       for name in ("model.py", "autoencoder.py", "sampling.py", "pipeline.py", "loading.py", "checkpoint.py")}}
+                       for name in ("modules/transformer.py", "modules/autoencoder.py", "pipelines/sampling.py",
+                                    "pipelines/pipeline.py", "weights/loading.py", "weights/checkpoint.py")}}
 
 
 def log(message: str) -> None:

@@ -182,10 +182,13 @@ def pool_by_8(x):  # a stand-in encoder, equally local
 def test_tiles_are_placed_exactly(height, width):
     """With a function that sees only its own pixel, tiling must give exactly the untiled result: any tile
     misplaced by a pixel or weight not normalised shows. The second shape leaves a ragged last tile."""
+    # Where tiles overlap, the result is w·y + (1 − w)·y for ramp weights w: exact but for an ulp or two of the
+    # values (|y| < 6): rtol and atol 1e-6 are far below a misplaced pixel's O(1) error.
     x = torch.randn(2, 4, height, width)
-    assert torch.allclose(tiled(upsample_by_8, x, size=16, overlap=6, scale=8), upsample_by_8(x), atol=1e-6)
+    assert torch.allclose(tiled(upsample_by_8, x, size=16, overlap=6, scale=8), upsample_by_8(x), rtol=1e-6, atol=1e-6)
     image = torch.randn(2, 3, height * 8, width * 8)
-    assert torch.allclose(tiled(pool_by_8, image, size=128, overlap=48, scale=1 / 8), pool_by_8(image), atol=1e-6)
+    assert torch.allclose(tiled(pool_by_8, image, size=128, overlap=48, scale=1 / 8), pool_by_8(image), rtol=1e-6,
+                          atol=1e-6)
 
 
 @pytest.mark.parametrize("height, width", [(40, 56), (33, 29)])
@@ -256,8 +259,10 @@ def test_tiling_switches_on_above_the_size_and_batch_slices_agree():
         tiles = model.decode(z, tile=True)
         assert torch.equal(model.decode(z), tiles) and not torch.allclose(tiles, whole, atol=1e-3)
         model.tiling = Tiling(size=64, overlap=32, max_batch=2)
-        assert torch.allclose(model.decode(z, tile=False), whole, atol=1e-5)  # batch items are independent
-        assert torch.allclose(model.decode(z, tile=True), tiles, atol=1e-5)
+        # Batch items are independent; slices of 2 rather than 3 may let oneDNN block the convolutions' fp32
+        # sums differently: rounding only.
+        assert torch.allclose(model.decode(z, tile=False), whole, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(model.decode(z, tile=True), tiles, rtol=1e-5, atol=1e-5)
 
 
 # ---- validation --------------------------------------------------------------------------------------

@@ -64,11 +64,12 @@ def test_blocks_compile_once_per_kind_and_not_again_across_steps_or_sizes():
         compiled = generate(model, 32, 48)
     assert compiled_graphs() == 2  # one double-stream block, one single-stream block, for four blocks
     # aot_eager runs eager mode's kernels on the traced graph: the numbers agree to fp32 rounding, and have
-    # been equal to the bit (a decomposition AOTAutograd chose differently could change the last bits).
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    # been equal to the bit; but a decomposition AOTAutograd chooses (and on another CPU, another kernel for
+    # it) may sum in another order, a few fp32 ulps on values of order 1 through the blocks' norms.
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
     # A new size compiles each kind of block once more, with the sequence lengths symbolic ...
-    torch.testing.assert_close(generate(model, 64, 48), generate(small_model(), 64, 48), rtol=0, atol=1e-6)
+    torch.testing.assert_close(generate(model, 64, 48), generate(small_model(), 64, 48), rtol=1e-5, atol=1e-5)
     assert compiled_graphs() <= 4
     # ... and later sizes reuse that.
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -86,7 +87,7 @@ def test_compiled_blocks_run_under_block_offload():
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = generate(model, 32, 32)
     assert compiled_graphs() == 2
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # fp32 rounding, as above
 
 
 # apply_rope's complex multiply is left to its eager kernel by inductor, which says so.

@@ -568,7 +568,8 @@ def test_an_image_in_a_batch_is_that_image_alone(pipe_in):
 def test_one_seed_for_a_batch_draws_it_from_one_generator(pipe):
     """As the official code and diffusers: image i is the i-th draw, so only the first equals its seed alone."""
     batch = latents(pipe, PROMPTS[:2], seed=5)
-    assert (batch[0] - latents(pipe, PROMPTS[0], seed=5)[0]).abs().max() <= 1e-5
+    # Equal up to fp32 rounding: a batch of 2 against 1 may block the matmuls' sums differently.
+    torch.testing.assert_close(batch[0], latents(pipe, PROMPTS[0], seed=5)[0], rtol=1e-5, atol=1e-5)
     assert (batch[1] - latents(pipe, PROMPTS[1], seed=5)[0]).abs().max() > 0.1
 
 

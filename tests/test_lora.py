@@ -181,7 +181,8 @@ def test_converted_lora_gives_the_same_output(base, lora_file, format, tmp_path)
     model = ours(base)
     load_lora(model, tmp_path / "converted.safetensors")
     error = relative_error(run_ours(model, x), run_ours(source, x))
-    assert error <= 1e-6, f"fp32 max relative error {error:.2e}"
+    # The same update, but a fused qkv pair is one product where diffusers' layout had three: fp32 rounding.
+    assert error <= 1e-5, f"fp32 max relative error {error:.2e}"
     # q, k, v of double block 0 share scale 2: written as one block-diagonal pair, read back as the three.
     block = [u for u in updates(model) if u[0] == "double_blocks.0.img_attn.qkv"]
     assert_same_updates(block, [u for u in updates(source) if u[0] == "double_blocks.0.img_attn.qkv"])
@@ -221,7 +222,8 @@ def test_stacked_loras_save_combined(base, lora_file, tmp_path):
     single = ours(base)
     load_lora(single, tmp_path / "stacked.safetensors")
     error = relative_error(run_ours(single, x), run_ours(model, x))
-    assert error <= 1e-6, f"fp32 max relative error {error:.2e}"
+    # Two stacked pairs against their concatenation, one product of rank 2r: fp32 rounding of other sums.
+    assert error <= 1e-5, f"fp32 max relative error {error:.2e}"
 
 
 # --------------------------------------------------------------------------------------------------
