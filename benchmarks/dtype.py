@@ -85,9 +85,9 @@ def main():
             rows.append({"size": size, "isa": isa_name, **result})
             print(f"{size}² {isa_name:8s} fp32 {result['fp32']['wall_s']:.2f} s  bf16 {result['bf16']['wall_s']:.2f} s  "
                   f"bf16/fp32 {result['bf16']['wall_s'] / result['fp32']['wall_s']:.2f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "default_here": picked, "double": args.double,
-                                    "single": args.single, "rows": rows}, indent=1))
+            args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a long run keeps what it has
+            args.out.write_text(json.dumps({"machine": info, "default_here": picked, "double": args.double,
+                                            "single": args.single, "rows": rows}, indent=1))
     print("\n| size | oneDNN instructions | fp32 step (s) | bf16 step (s) | bf16 / fp32 | default picks |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for row in rows:
