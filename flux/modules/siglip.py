@@ -64,9 +64,9 @@ class SiglipVisionConfig:
 SO400M_PATCH14_384 = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                         num_attention_heads=16, image_size=384, patch_size=14)
 
-# For tests: 3 heads of 16, MLP 80, 2 layers, a 5×5 grid of 14-pixel patches (25 tokens) from 75 pixels, so that
+# For tests: 4 heads of 16, MLP 80, 2 layers, a 5×5 grid of 14-pixel patches (25 tokens) from 75 pixels, so that
 # the last 5 are dropped as so400m drops 6: no two sizes equal.
-TINY = replace(SO400M_PATCH14_384, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
+TINY = replace(SO400M_PATCH14_384, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                image_size=75)
 
 
