@@ -66,8 +66,7 @@ class Redux(nn.Module):
 
     def encode(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, S, S) preprocessed pixel values (on any device) -> (B, N, T) tokens."""
-        device = self.image_encoder.post_layernorm.weight.device
-        return self.image_embedder(self.image_encoder(pixel_values.to(device)))
+        return self.image_embedder(self.image_encoder(pixel_values))
 
 
 class ReduxImageEmbedder(nn.Module):

@@ -96,7 +96,8 @@ class SiglipVisionModel(nn.Module):
             raise ValueError(f"pixel_values must be (B, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}; "
                              "resize the images first (Redux.preprocess)")
         embeddings = self.embeddings
-        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (B, C, G, G)
+        # To the weights' dtype and device: preprocessing gives fp32 pixels on the CPU.
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight))  # (B, C, G, G)
         x = rearrange(patches, "B C Gh Gw -> B (Gh Gw) C") + embeddings.position_embedding.weight  # row-major patches
         for layer in self.encoder.layers:
             x = layer(x)
