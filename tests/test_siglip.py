@@ -119,7 +119,7 @@ def test_transformers_4_names_load_too(encoder_folder, tmp_path):
     save_file(old, folder / "model.safetensors")
     (folder / "config.json").write_text((root / "image_encoder" / "config.json").read_text())
     pixels = torch.randn(2, 3, 75, 75)
-    with torch.no_grad():
+    with torch.no_grad():  # safetensors' load_file copies into fresh tensors: the same kernels, the same inputs
         assert torch.equal(ours_from(folder)(pixels), ours_from(root / "image_encoder")(pixels))
     mixed = {**state, "vision_model.post_layernorm.bias": state["post_layernorm.bias"]}
     with pytest.raises(CheckpointError, match="mixes two layouts"):
