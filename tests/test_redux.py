@@ -46,12 +46,15 @@ def redux(tiny_redux):
 def theirs(tiny_snapshot, tiny_redux):
     """(FluxPipeline, FluxPriorReduxPipeline with the FLUX snapshot's text encoders)."""
     base = diffusers.FluxPipeline.from_pretrained(tiny_snapshot, torch_dtype=torch.float32)
-    prior = tiny_redux[1]
-    with_text = diffusers.FluxPriorReduxPipeline(
+    return base, with_text_encoders(tiny_redux[1], base)
+
+
+def with_text_encoders(prior, base):
+    """The Redux pipeline with the FLUX pipeline's T5 and CLIP, so that it encodes the prompt."""
+    return diffusers.FluxPriorReduxPipeline(
         image_encoder=prior.image_encoder, feature_extractor=prior.feature_extractor, image_embedder=prior.image_embedder,
         text_encoder=base.text_encoder, tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
         tokenizer_2=base.tokenizer_2)
-    return base, with_text
 
 
 def reference_embeds(prior, image, prompt, *, scale=1.0, pooled_scale=1.0):
@@ -94,6 +97,21 @@ def test_one_image_per_prompt_matches_diffusers(ours, theirs, redux, with_prompt
     pixels = ours(prompt, output_type="np", **kwargs)
     error = np.abs(pixels - reference_run(base, prompt_embeds, pooled, steps=2, output_type="np")).max()
     assert pixels.shape == (2, 32, 48, 3) and error <= 1e-4, f"images differ from diffusers' by {error:.2e}"
+
+
+def test_a_dev_pipeline_matches_diffusers(tiny_dev_snapshot, tiny_redux, redux):
+    """FLUX.1-Redux-dev's own base: guidance-distilled, shifted schedule."""
+    base = diffusers.FluxPipeline.from_pretrained(tiny_dev_snapshot, torch_dtype=torch.float32)
+    prior = with_text_encoders(tiny_redux[1], base)
+    ours = Pipeline.from_pretrained(tiny_dev_snapshot, device="cpu", dtype=torch.float32)
+    image = picture(10)
+    prompt_embeds, pooled = reference_embeds(prior, image, PROMPTS[0])
+    reference = base(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=32, width=48, num_inference_steps=2,
+                     guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images
+    latents = ours(PROMPTS[0], redux_image=image, redux=redux, guidance=3.5, max_sequence_length=T5_TOKENS, num_steps=2,
+                   output_type="latent", progress=False, **COMMON)
+    error = (pack(latents) - reference).abs().max().item()
+    assert error <= 1e-4, f"dev latents differ from diffusers' by {error:.2e}"  # as above
 
 
 def test_scales_and_a_shared_image_match_diffusers(ours, theirs, redux):
