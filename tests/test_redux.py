@@ -94,6 +94,8 @@ def test_one_image_per_prompt_matches_diffusers(ours, theirs, redux, with_prompt
     latents = ours(prompt, output_type="latent", **kwargs)
     error = (pack(latents) - reference_run(base, prompt_embeds, pooled, steps=2, output_type="latent")).abs().max().item()
     assert error <= 1e-4, f"latents differ from diffusers' by {error:.2e}"
+    if not with_prompt:  # the decoder sees the latents alone: once is enough
+        return
     pixels = ours(prompt, output_type="np", **kwargs)
     error = np.abs(pixels - reference_run(base, prompt_embeds, pooled, steps=2, output_type="np")).max()
     assert pixels.shape == (2, 32, 48, 3) and error <= 1e-4, f"images differ from diffusers' by {error:.2e}"
