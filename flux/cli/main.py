@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return train(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
     from flux.weights.checkpoint import CheckpointError
     from flux.pipelines.pipeline import Pipeline
