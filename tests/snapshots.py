@@ -128,3 +128,44 @@ def tiny_dev_snapshot(tmp_path_factory):
     root = build_tiny_snapshot(tmp_path_factory.mktemp("FLUX.1-tiny-dev"), dev=True)
     add_official_single_files(root, dev=True)
     return root
+
+
+def build_tiny_redux(root: Path, *, seed: int = 0):
+    """A tiny FLUX.1-Redux-dev snapshot for the tiny transformer (text width 48), saved by diffusers'
+    `FluxPriorReduxPipeline.save_pretrained` (`image_encoder/`, `feature_extractor/`, `image_embedder/`,
+    model_index.json), with Black Forest Labs' `flux1-redux-dev.safetensors` (the embedder's tensors) beside them.
+    Returns the root and the reference pipeline."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from safetensors.torch import save_file
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    from flux.modules.configs import TINY
+    from flux.modules.siglip import TINY as SIGLIP
+
+    torch.manual_seed(seed)
+    encoder = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=SIGLIP.hidden_size, intermediate_size=SIGLIP.intermediate_size,
+        num_hidden_layers=SIGLIP.num_hidden_layers, num_attention_heads=SIGLIP.num_attention_heads,
+        image_size=SIGLIP.image_size, patch_size=SIGLIP.patch_size, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6)).eval()
+    embedder = ReduxImageEncoder(redux_dim=SIGLIP.hidden_size, txt_in_features=TINY.context_in_dim).eval()
+    with torch.no_grad():  # random everywhere: no zero-initialised layer may hide a path
+        for module in (encoder, embedder):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    # The official preprocessor_config.json at the tiny size. transformers 4's (Pillow) SiglipImageProcessor, which
+    # the official pipelines ran, is SiglipImageProcessorPil in transformers 5.
+    processor = SiglipImageProcessorPil(size={"height": SIGLIP.image_size, "width": SIGLIP.image_size}, resample=3,
+                                        do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    pipe = FluxPriorReduxPipeline(image_encoder=encoder, feature_extractor=processor, image_embedder=embedder)
+    pipe.save_pretrained(root)
+    save_file({k: v.contiguous() for k, v in embedder.state_dict().items()}, root / "flux1-redux-dev.safetensors")
+    return root, pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_redux(tmp_path_factory):
+    """(root, reference FluxPriorReduxPipeline without text encoders)."""
+    return build_tiny_redux(tmp_path_factory.mktemp("FLUX.1-Redux-tiny"))

@@ -4,7 +4,8 @@
   temporary working directory. The tiny snapshot of conftest.py stands in for FLUX.1-schnell under the names
   the pages use: the repo id `black-forest-labs/FLUX.1-schnell` (through a temporary Hugging Face cache) and
   the folder `weights/FLUX.1-schnell` (where weights/README.md downloads to), with the fp8 file and the
-  prefixed bundle docs/loading.md loads beside it. Its defaults are 128×128 pixels and 32 T5 tokens rather
+  prefixed bundle docs/loading.md loads beside it; the tiny Redux of conftest.py stands in for FLUX.1-Redux-dev
+  under the same two kinds of names. Its defaults are 128×128 pixels and 32 T5 tokens rather
   than FLUX.1's 1024×1024 and 256 (a `flux_defaults.json`, as our own small models have), so that examples
   which leave them out stay fast.
 - Every `flux generate` line of a ```sh block runs through `flux.cli.main.main`, in the same directory.
@@ -87,7 +88,7 @@ def command_lines(page: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def stand_in(tiny_snapshot, tmp_path_factory):
+def stand_in(tiny_snapshot, tiny_redux, tmp_path_factory):
     """A directory holding `hub/` (a Hugging Face cache) and `work/` (the examples' working directory)."""
     from safetensors.torch import load_file, save_file
 
@@ -103,10 +104,16 @@ def stand_in(tiny_snapshot, tmp_path_factory):
     (repo / "refs" / "main").write_text("stand-in\n")
     (repo / "snapshots").mkdir()
     (repo / "snapshots" / "stand-in").symlink_to(snapshot, target_is_directory=True)
+    redux = root / "hub" / "models--black-forest-labs--FLUX.1-Redux-dev"  # the tiny Redux, for docs/redux.md
+    (redux / "refs").mkdir(parents=True)
+    (redux / "refs" / "main").write_text("stand-in\n")
+    (redux / "snapshots").mkdir()
+    (redux / "snapshots" / "stand-in").symlink_to(tiny_redux[0], target_is_directory=True)
 
     weights = root / "work" / "weights"
     weights.mkdir(parents=True)
     (weights / "FLUX.1-schnell").symlink_to(snapshot, target_is_directory=True)
+    (weights / "FLUX.1-Redux-dev").symlink_to(tiny_redux[0], target_is_directory=True)
     transformer, autoencoder = load_file(snapshot / "flux1-schnell.safetensors"), load_file(snapshot / "ae.safetensors")
     save_file({name: t.to(torch.float8_e4m3fn) for name, t in transformer.items()}, weights / "flux1-schnell-fp8.safetensors")
     save_file({**{f"model.diffusion_model.{name}": t for name, t in transformer.items()},
@@ -168,6 +175,8 @@ def full_size():
     from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams
     from flux.modules.clip import CLIP_L, CLIPTextModel
     from flux.modules.configs import configs
+    from flux.modules.redux import REDUX_DEV, ReduxImageEmbedder
+    from flux.modules.siglip import SO400M_PATCH14_384, SiglipVisionModel
     from flux.modules.transformer import Flux, Modulation
     from flux.modules.t5 import T5_XXL, T5Encoder
 
@@ -177,6 +186,7 @@ def full_size():
     with torch.device("meta"):
         return dict(schnell=Flux(configs["flux-schnell"].params), dev=Flux(configs["flux-dev"].params),
                     t5=T5Encoder(T5_XXL), clip=CLIPTextModel(CLIP_L), ae=AutoEncoder(AutoEncoderParams()),
+                    siglip=SiglipVisionModel(SO400M_PATCH14_384), redux_embedder=ReduxImageEmbedder(REDUX_DEV),
                     count=count, Modulation=Modulation)
 
 
@@ -202,7 +212,8 @@ def test_parameter_counts_are_what_the_code_computes(full_size):
 def test_parameter_totals_are_the_official_files():
     stated = {expression: count for _, expression, count in parameter_rows()}
     for expression, manifest in {"count(schnell)": "flux1-schnell.json", "count(dev)": "flux1-dev.json",
-                                 "count(t5)": "t5-xxl.json", "count(clip)": "clip-l.json", "count(ae)": "ae.json"}.items():
+                                 "count(t5)": "t5-xxl.json", "count(clip)": "clip-l.json", "count(ae)": "ae.json",
+                                 "count(siglip)": "siglip-so400m.json", "count(redux_embedder)": "redux.json"}.items():
         official = json.loads((MANIFESTS / manifest).read_text())["parameters"]
         assert stated[expression] == official, f"{expression}: the page says {stated[expression]:,}, {manifest} {official:,}"
 
@@ -237,7 +248,7 @@ DOCUMENTED_MODULES = ("weights/tokenizers", "modules/t5", "modules/clip", "pipel
                       "modules/autoencoder", "modules/configs", "weights/checkpoint", "weights/layouts",
                       "weights/loading", "pipelines/pipeline", "cli/main", "weights/fp8", "runtime/offload",
                       "runtime/compile", "weights/quantized", "pipelines/requests", "pipelines/devices",
-                      "pipelines/snapshots")
+                      "pipelines/snapshots", "modules/siglip", "modules/redux", "weights/redux", "pipelines/redux")
 
 
 def test_every_public_function_and_class_is_referenced():

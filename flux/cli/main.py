@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--image", type=Path, help="start from this image (image-to-image)")
     gen.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    gen.add_argument("--redux", help="FLUX.1-Redux-dev folder or repo id: condition on --redux-image (image variation)")
+    gen.add_argument("--redux-image", type=Path, action="append", default=[],
+                     help="image whose FLUX.1 Redux tokens join the prompt's (repeatable: all of them, in order)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="compute dtype (default: bf16 on GPUs and on CPUs with bf16 instructions, else fp32)")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -54,33 +57,31 @@ def main(argv=None) -> int:
         return train(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
     from flux.weights.checkpoint import CheckpointError
     from flux.pipelines.pipeline import Pipeline
+    from flux.pipelines.redux import load_redux
     from flux.pipelines.requests import check_request
     from flux.pipelines.snapshots import builtin_model
 
     try:
-        image = None
-        if args.image is not None:
-            if not args.image.is_file():
-                raise ValueError(f"--image {args.image}: file not found")
-            try:
-                image = Image.open(args.image)
-                image.load()
-            except (OSError, Image.DecompressionBombError) as error:
-                raise ValueError(f"--image {args.image}: not an image this program can read ({error})") from None
+        image = None if args.image is None else read_image("--image", args.image)
+        redux_images = [read_image("--redux-image", path) for path in args.redux_image]
+        if bool(redux_images) != (args.redux is not None):
+            raise ValueError("--redux FOLDER and --redux-image PATH go together (the Redux model and the image(s))")
         # Before loading the model: a bad size should not cost a 30 GB read.
         check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
                       num_images_per_prompt=args.num_images, strength=args.strength, image=image)
         model = args.model if args.model is not None else builtin_model()
+        # Redux first, small: a wrong folder should not cost the transformer's read. Same device and dtype choice.
+        redux = None if args.redux is None else load_redux(args.redux, device=args.device, dtype=DTYPES.get(args.dtype))
         # One call per process: the text encoders are never needed again once the prompt is encoded.
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                       guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
-                      strength=args.strength, progress=not args.quiet)
+                      strength=args.strength, progress=not args.quiet, redux_image=redux_images or None, redux=redux)
     except (ValueError, CheckpointError) as error:
         print(f"flux: error: {error}", file=sys.stderr)
         return 2
@@ -100,6 +101,20 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(f"flux: wrote {path}", file=sys.stderr)
     return 0
+
+
+def read_image(option: str, path: Path):
+    """A PIL image from a file, or a ValueError naming the option."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: file not found")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{option} {path}: not an image this program can read ({error})") from None
+    return image
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from flux.modules.configs import SamplingDefaults
 from flux.pipelines.devices import default_device, default_dtype, free_memory
+from flux.pipelines.redux import check_text_inputs
 from flux.pipelines.requests import activation_bytes, check_request, check_seeds, is_number
 from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 from flux.pipelines.snapshots import builtin_model, resolve_snapshot, sampling_defaults
@@ -97,36 +98,48 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(
-        self, prompt, *, width=None, height=None, num_steps=None, guidance=None, seed=None, num_images_per_prompt=1,
+        self, prompt=None, *, width=None, height=None, num_steps=None, guidance=None, seed=None, num_images_per_prompt=1,
         image=None, strength=0.8, output_type="pil", progress=True, callback=None, negative_prompt=None,
-        true_cfg_scale=1.0, max_sequence_length=None, t5_attention_mask=False,
+        true_cfg_scale=1.0, max_sequence_length=None, t5_attention_mask=False, prompt_embeds=None,
+        pooled_prompt_embeds=None, redux_image=None, redux=None, prompt_embeds_scale=1.0, pooled_prompt_embeds_scale=1.0,
     ):
         """Prompt(s) -> images: a list of PIL images by default (see `output_type`).
 
         `seed` an int draws the whole batch from one generator (as the official code and diffusers do);
         a list gives each image its own. `image` (PIL image(s) or a (B, 3, H, W) tensor in [0, 1]) with
         `strength` turns this into image-to-image. `callback(step, t, latents)` runs after every step.
+        `prompt_embeds` (B, T, 4096) and `pooled_prompt_embeds` (B, 768), e.g. from `encode_prompt`, replace
+        `prompt`. `redux_image` with `redux` (`flux.load_redux`) appends FLUX.1 Redux's image tokens to the
+        prompt's, `prompt_embeds_scale` and `pooled_prompt_embeds_scale` scale the text conditioning
+        (flux/pipelines/redux.py, docs/redux.md).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        prompts, text = check_text_inputs(
+            prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, redux_image=redux_image,
+            redux=redux, prompt_embeds_scale=prompt_embeds_scale, pooled_prompt_embeds_scale=pooled_prompt_embeds_scale,
+            t5_attention_mask=t5_attention_mask, params=self.model.params)
         width = self.defaults.image_size if width is None else width  # 1024 for the official models
         height = self.defaults.image_size if height is None else height
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
-        guidance = self._check_arguments(prompts, width, height, num_steps, guidance, num_images_per_prompt,
+        # Without a prompt, the checks count the embeddings' rows or the Redux images' groups as the prompts.
+        counted = [""] * text.count if prompts is None else prompts
+        guidance = self._check_arguments(counted, width, height, num_steps, guidance, num_images_per_prompt,
                                          strength, output_type, negative_prompt, true_cfg_scale, image,
                                          max_sequence_length, callback)
         max_sequence_length = max_sequence_length or self.defaults.max_sequence_length
-        batch = len(prompts) * num_images_per_prompt
+        batch = text.count * num_images_per_prompt
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
             log.info("seed %d", seed)
         seed, seeds = check_seeds(seed, batch)
-        self._check_memory(batch, height, width, max_sequence_length, decode=output_type != "latent")
+        text_tokens = (max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1]) + text.redux_tokens
+        self._check_memory(batch, height, width, text_tokens, decode=output_type != "latent")
 
         # The text encoders run once per call, before the loop; the loop sees only their outputs.
-        txt, vec, mask = self._encode(prompts, num_images_per_prompt, max_sequence_length, t5_attention_mask)
+        txt, vec, mask = self._text_conditioning(prompts, text, num_images_per_prompt, max_sequence_length,
+                                                 t5_attention_mask)
         negative = None
         if negative_prompt is not None and true_cfg_scale > 1:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = [negative_prompt] * text.count if isinstance(negative_prompt, str) else list(negative_prompt)
             # The negative prompt is encoded like the prompt, its own padding mask included.
             negative = self._encode(negatives, num_images_per_prompt, max_sequence_length, t5_attention_mask)
         if self.release_text_encoders:
@@ -160,7 +173,7 @@ class Pipeline:
         images = []
         for index, item in enumerate(array):
             picture = Image.fromarray((item * 255).round().astype(np.uint8))
-            picture.info.update(prompt=prompts[index // num_images_per_prompt], seed=str(seeds[index]),
+            picture.info.update(prompt=prompts[index // num_images_per_prompt] if prompts else "", seed=str(seeds[index]),
                                 batch_index=str(index), steps=str(len(timesteps) - 1),
                                 guidance=str(guidance), width=str(width), height=str(height))
             images.append(picture)
@@ -203,6 +216,34 @@ class Pipeline:
             raise ValueError(f"{message}; ask for fewer or smaller images"
                              + (", or output_type='latent' to skip decoding" if decode else ""))
         log.warning("%s; this may run out of memory", message)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, *, max_sequence_length=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt(s) -> (prompt_embeds (B, T, 4096), pooled_prompt_embeds (B, 768)): T5's and CLIP's outputs in the
+        pipeline's dtype, as `__call__` computes them; pass them back as `prompt_embeds=`, `pooled_prompt_embeds=`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        check_request(prompts, width=None, height=None, num_steps=None, max_sequence_length=max_sequence_length)
+        txt, vec, _ = self._encode(prompts, 1, max_sequence_length or self.defaults.max_sequence_length, False)
+        if self.release_text_encoders:
+            self.t5 = self.clip = None
+        return txt, vec
+
+    def _text_conditioning(self, prompts, text, repeats, max_sequence_length, t5_attention_mask):
+        """The transformer's text inputs (txt, vec, T5 mask or None) from the prompts, the given embeddings, or
+        zeros (Redux without a prompt, as diffusers' FluxPriorReduxPipeline without text encoders); Redux tokens
+        appended and scales applied by `text.condition` (flux/pipelines/redux.py)."""
+        params = self.model.params
+        if prompts is not None:
+            txt, vec, mask = self._encode(prompts, 1, max_sequence_length, t5_attention_mask)
+        elif text.prompt_embeds is not None:
+            txt = text.prompt_embeds.to(self.device, self.dtype)
+            vec, mask = text.pooled_prompt_embeds.to(self.device, self.dtype), None
+        else:
+            txt = torch.zeros(text.count, max_sequence_length, params.context_in_dim, device=self.device, dtype=self.dtype)
+            vec, mask = torch.zeros(text.count, params.vec_in_dim, device=self.device, dtype=self.dtype), None
+        txt, vec, mask = text.condition(txt, vec, mask)
+        mask = None if mask is None else mask.repeat_interleave(repeats, dim=0)
+        return txt.repeat_interleave(repeats, dim=0), vec.repeat_interleave(repeats, dim=0), mask
 
     def _encode(self, prompts, repeats, max_sequence_length, t5_attention_mask):
         """Prompts -> T5 states (B, T, 4096), CLIP pooled (B, 768), and the T5 padding mask or None."""

@@ -57,12 +57,13 @@ def _check_defaults(path: Path, defaults: SamplingDefaults) -> None:
             raise CheckpointError(f"{path}: {name} = {value!r:.80} is not a valid sampling default (expected {expected})")
 
 
-def resolve_snapshot(path) -> Path:
+def resolve_snapshot(path, *, patterns=None) -> Path:
     """A local folder as it is, or a repo id ("black-forest-labs/FLUX.1-schnell") from the Hugging Face cache.
 
     The cache lays a repository out as `models--{org}--{name}/snapshots/{revision}/`, with `refs/main`
     naming the revision; we read it without any network. Only when the files are not there and
-    `huggingface_hub` is installed do we download, and then only the files we load.
+    `huggingface_hub` is installed do we download, and then only the files we load: a FLUX.1 model's, or
+    `patterns` for another kind of repository (FLUX.1 Redux).
     """
     local = Path(path).expanduser()
     if local.exists():
@@ -85,6 +86,9 @@ def resolve_snapshot(path) -> Path:
             f"{repo_id}: not in the Hugging Face cache ({repo}); download it first ({WEIGHTS_HELP}), "
             "or install huggingface_hub to let flux fetch it"
         ) from None
+    if patterns is not None:
+        log.warning("%s: not in the Hugging Face cache; downloading what flux loads into %s", repo_id, cache)
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), cache_dir=cache))
     # The official repositories hold the transformer and autoencoder twice (single files and diffusers folders):
     # fetch the single files and the rest, and the folders only for a repository that has no single files.
     patterns = ["flux1-*.safetensors", "ae.safetensors", "model_index.json", "scheduler/*", "text_encoder/*",
