@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     from flux.weights.checkpoint import CheckpointError
     from flux.pipelines.pipeline import Pipeline
-    from flux.pipelines.requests import check_request
+    from flux.pipelines.requests import check_request, image_seeds
     from flux.pipelines.snapshots import builtin_model
 
     try:
@@ -74,12 +74,14 @@ def main(argv=None) -> int:
         # Before loading the model: a bad size should not cost a 30 GB read.
         check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
                       num_images_per_prompt=args.num_images, strength=args.strength, image=image)
+        # One seed per image, seed + i: each image reproducible alone, and equal to the server's (flux serve).
+        seeds = image_seeds(args.seed, args.num_images)
         model = args.model if args.model is not None else builtin_model()
         # One call per process: the text encoders are never needed again once the prompt is encoded.
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
+                      guidance=args.guidance, seed=seeds, num_images_per_prompt=args.num_images, image=image,
                       strength=args.strength, progress=not args.quiet)
     except (ValueError, CheckpointError) as error:
         print(f"flux: error: {error}", file=sys.stderr)
