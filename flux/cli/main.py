@@ -1,5 +1,6 @@
 """The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
-`flux train ...` is `python -m flux.training ...` (see `flux train --help`).
+`flux train ...` is `python -m flux.training ...` (see `flux train --help`); `flux serve ...` is the server of
+flux/serve/command.py (see `flux serve --help`).
 
 Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
 never a traceback.
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     # Listed for `flux --help`; `main` hands everything after `train` to flux.training.command, which has its own flags.
     commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
+    commands.add_parser("serve", help="serve a model over the OpenAI Images API (flux serve --help)", add_help=False)
     return main
 
 
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
         from flux.training.command import main as train
 
         return train(argv[1:])
+    if argv[:1] == ["serve"]:
+        from flux.serve.command import main as serve
+
+        return serve(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
     from PIL import Image, PngImagePlugin
