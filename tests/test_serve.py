@@ -331,15 +331,17 @@ def test_without_the_extra_the_command_says_what_to_install():
 
 
 def test_the_docs_examples_run_against_a_server(server, tmp_path, monkeypatch):
-    """docs/serving.md's ```py blocks (the OpenAI SDK, against a running server) with this server's URL, at a small
-    size (tests/test_docs.py runs ```python blocks; these need a server)."""
+    """The ```py blocks of docs/serving.md and README.md (the OpenAI SDK, against a running server), each page's in
+    order in one namespace, with this server's URL and a small size. tests/test_docs.py runs the ```python blocks;
+    these need a server."""
     import re
 
     url, _ = server
     monkeypatch.chdir(tmp_path)
-    page = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"^```py\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
-    assert blocks
-    for code in blocks:
-        exec(code.replace("http://127.0.0.1:8000", url).replace("1024x768", "32x32"), {"__name__": "__docs__"})
+    for page in (ROOT / "docs" / "serving.md", ROOT / "README.md"):
+        blocks = re.findall(r"^```py\n(.*?)^```", page.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+        assert blocks, f"{page}: no ```py block"
+        namespace = {"__name__": "__docs__"}
+        for code in blocks:
+            exec(code.replace("http://127.0.0.1:8000", url).replace("1024x768", "32x32"), namespace)
     assert json.loads(httpx.get(url + "/health").text)["status"] == "ok"
