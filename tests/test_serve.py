@@ -12,6 +12,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -75,6 +76,28 @@ def test_generations_equal_flux_generate(server, tmp_path):
         # The same kernels on the same inputs: equal to the bit.
         np.testing.assert_array_equal(np.asarray(served), np.asarray(command))
         assert served.text == command.text and served.text["seed"] == str(7 + index)
+
+
+def test_more_images_than_max_batch_spread_over_batches(server, tmp_path):
+    """n = 5 with --max-batch 4: two batches (4 + 1), each image with its own seed, equal to the command's one batch
+    of five within batched rounding."""
+    url, _ = server
+    result = client(url).images.generate(prompt="five boats", n=5, size="32x32", extra_body={"seed": 20, "steps": 2})
+    code = flux_command(["generate", "five boats", "--seed", "20", "--num-images", "5", "--steps", "2", "--width",
+                         "32", "--height", "32", "--dtype", "fp32", "--quiet", "-o", str(tmp_path / "cli.png")])
+    assert code == 0 and [item.seed for item in result.data] == [20, 21, 22, 23, 24]
+    for index, item in enumerate(result.data):
+        command = np.asarray(Image.open(tmp_path / f"cli_{index}.png"), dtype=np.int16)
+        assert np.abs(pixels(item.b64_json) - command).max() <= 1  # fp32 batched kernels: one 8-bit level
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_output_formats(server, output_format):
+    url, _ = server
+    result = client(url).images.generate(prompt="a jar", size="32x48", output_format=output_format,
+                                         output_compression=80, extra_body={"steps": 2})
+    picture = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert picture.format == output_format.upper() and picture.size == (32, 48)
 
 
 def test_models_health_and_metrics(server):
@@ -178,6 +201,23 @@ def test_bad_generation_requests_are_400_naming_the_field(server, body, param, m
     error = answer.json()["error"]
     assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_size_too_large_for_memory_is_400_not_500(server):
+    """The pipeline's own memory check refuses it in the worker; the answer is still the user's 400."""
+    url, _ = server
+    answer = httpx.post(url + "/v1/images/generations", timeout=TIMEOUT,
+                        json={"prompt": "x", "size": "160000x160000", "steps": 1})
+    assert answer.status_code == 400 and "GiB" in answer.json()["error"]["message"], answer.text
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_lora_arguments():
+    from flux.serve.command import lora_argument
+
+    assert lora_argument("style.safetensors:0.7") == (Path("style.safetensors"), 0.7)
+    assert lora_argument("style.safetensors") == (Path("style.safetensors"), 1.0)
+    assert lora_argument("C:/loras/a.safetensors") == (Path("C:/loras/a.safetensors"), 1.0)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
@@ -305,9 +345,34 @@ def test_streaming_events_parse_with_the_sdk(server):
     np.testing.assert_array_equal(pixels(events[-1].b64_json), alone)
 
 
-def test_api_key_and_the_command(tmp_path):
-    """`flux serve` as a user starts it: a subprocess, --port 0, the URL read from its log."""
-    with serve_process("--api-key", "sesame", "--dtype", "fp32", "--max-batch", "2") as url:
+def test_edit_streams_parse_with_the_sdk(server):
+    url, _ = server
+    stream = client(url).images.edit(image=("in.png", png(), "image/png"), prompt="a streamed square", stream=True,
+                                     partial_images=1, extra_body={"steps": "4", "strength": "1", "seed": "5"})
+    kinds = [type(event).__name__ for event in stream]
+    assert kinds == ["ImageEditPartialImageEvent", "ImageEditCompletedEvent"], kinds
+
+
+def test_api_key_lora_and_the_command(pipe, tmp_path):
+    """`flux serve` as a user starts it: a subprocess, --port 0, the URL read from its log; with --api-key and
+    --lora, whose image must equal `Pipeline.load_lora` at the same scale in this process."""
+    from flux.weights.lora import add_lora, save_lora
+
+    torch.manual_seed(0)
+    for parameter in add_lora(pipe.model, rank=2, targets=("double_blocks.*.img_attn.qkv",)):
+        torch.nn.init.normal_(parameter, std=0.5)
+    save_lora(pipe.model, tmp_path / "style.safetensors")
+    pipe.unload_lora()
+    plain = pipe("keyed", width=32, height=32, num_steps=2, seed=[3], output_type="np", progress=False)
+    pipe.load_lora(tmp_path / "style.safetensors", strength=0.5)
+    try:
+        styled = pipe("keyed", width=32, height=32, num_steps=2, seed=[3], output_type="np", progress=False)
+    finally:
+        pipe.unload_lora()
+    styled = (styled[0] * 255).round().astype(np.int16)  # as the pipeline makes its 8-bit images
+    assert np.abs(styled - (plain[0] * 255).round()).max() > 10, "the LoRA should change the image"
+    with serve_process("--api-key", "sesame", "--dtype", "fp32", "--max-batch", "2",
+                       "--lora", f"{tmp_path / 'style.safetensors'}:0.5") as url:
         assert httpx.get(url + "/health").status_code == 200  # open: a load balancer's probe has no key
         for key in (None, "wrong"):
             headers = {} if key is None else {"Authorization": f"Bearer {key}"}
@@ -315,8 +380,9 @@ def test_api_key_and_the_command(tmp_path):
             assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").images.generate(prompt="x")
-        result = client(url, api_key="sesame").images.generate(prompt="keyed", size="32x32", extra_body={"steps": 2})
-        assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (32, 32)
+        result = client(url, api_key="sesame").images.generate(prompt="keyed", size="32x32",
+                                                               extra_body={"steps": 2, "seed": 3})
+        np.testing.assert_array_equal(pixels(result.data[0].b64_json), styled)
         assert "flux-tiny" in httpx.get(url + "/").text  # the page, open too: it asks for the key
 
 
