@@ -1,7 +1,7 @@
 """`flux serve` under load: throughput (images/s) and p50/p95 latency at several concurrencies, with
 `--max-batch` 1 and 4 side by side, on the built-in model.
 
-    python -m benchmarks.serve [--requests 24] [--concurrency 1 4 16] [--max-batch 1 4] [--size 64x64] [--steps 8]
+    python -m benchmarks.serve [--requests 48] [--rounds 2] [--concurrency 1 4 16] [--max-batch 1 4] [--size 64x64] [--steps 8]
 
 For each concurrency, and for each --max-batch value in turn, a fresh `flux serve` process (the command a user
 runs, on a free port; started by tests/serving.py's helper) and that many client threads sending --requests
@@ -33,24 +33,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    arguments.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
+    arguments.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     arguments.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     arguments.add_argument("--max-batch", type=int, nargs="+", default=[1, 4])
     arguments.add_argument("--size", default="64x64", help="the built-in model's default size")
     arguments.add_argument("--steps", type=int, default=8, help="the built-in model's default steps")
     arguments.add_argument("--dtype", default=None, help="passed to flux serve (default: its own choice)")
+    arguments.add_argument("--rounds", type=int, default=2, help="runs of each setting, alternating their order")
     args = arguments.parse_args()
     about = machine()
     print(json.dumps(about, indent=1))
     rows = []
+    extra = [] if args.dtype is None else ["--dtype", args.dtype]
     for concurrency in args.concurrency:
-        for max_batch in args.max_batch:
-            extra = [] if args.dtype is None else ["--dtype", args.dtype]
-            with serve_process("--max-batch", str(max_batch), "--max-queue", str(4 * max(args.concurrency)), *extra) as url:
-                row = level(url, concurrency=concurrency, requests=args.requests, size=args.size, steps=args.steps)
+        runs = {max_batch: [] for max_batch in args.max_batch}
+        for round_ in range(args.rounds):
+            # A B, then B A: a drift in the machine's load falls on both settings alike.
+            for max_batch in (args.max_batch if round_ % 2 == 0 else args.max_batch[::-1]):
+                with serve_process("--max-batch", str(max_batch), "--max-queue", str(4 * max(args.concurrency)),
+                                   *extra) as url:
+                    runs[max_batch].append(level(url, concurrency=concurrency, requests=args.requests,
+                                                 size=args.size, steps=args.steps))
+        for max_batch, measured in runs.items():
+            row = summary(measured)
             row.update(max_batch=max_batch, concurrency=concurrency)
             rows.append(row)
-            print(f"max-batch {max_batch:2d}  concurrency {concurrency:2d}: {row['images_per_s']:.2f} images/s, "
+            print(f"max-batch {max_batch:2d}  concurrency {concurrency:2d}: {row['images_per_s']:.2f} images/s "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in row['images_per_s_rounds'])}), "
                   f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
     about["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
@@ -60,7 +69,7 @@ def main() -> None:
 
 
 def level(url: str, *, concurrency: int, requests: int, size: str, steps: int) -> dict:
-    """`requests` requests from `concurrency` threads -> throughput and latency percentiles."""
+    """`requests` requests from `concurrency` threads -> throughput and the sorted latencies."""
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency + 2))
 
     def send(index: int) -> float:
@@ -77,9 +86,19 @@ def level(url: str, *, concurrency: int, requests: int, size: str, steps: int) -
         latencies = sorted(pool.map(send, range(requests)))
     wall = time.perf_counter() - started
     client.close()
-    return {"requests": requests, "wall_s": wall, "images_per_s": requests / wall,
-            "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-            "mean_s": statistics.fmean(latencies)}
+    return {"requests": requests, "wall_s": wall, "images_per_s": requests / wall, "latencies_s": latencies}
+
+
+def summary(runs: list) -> dict:
+    """Rounds of one setting -> the median throughput, and percentiles over every round's latencies."""
+    latencies = sorted(latency for run in runs for latency in run.pop("latencies_s"))
+    return {"images_per_s": statistics.median(run["images_per_s"] for run in runs),
+            "images_per_s_rounds": [run["images_per_s"] for run in runs], "requests": sum(run["requests"] for run in runs),
+            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
+
+
+def percentile(ordered: list, fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def machine() -> dict:
@@ -92,14 +111,17 @@ def machine() -> dict:
 
 
 def table(rows: list, about: dict, args) -> str:
-    lines = [f"`flux serve`, built-in model, {args.size}, {args.steps} steps, {args.requests} requests per level; "
+    lines = [f"`flux serve`, built-in model, {args.size}, {args.steps} steps, {args.requests} requests per level and "
+             f"round, {args.rounds} rounds (throughput: their median; latency: over all their requests); "
              f"{about['cpu']}, {about['cores']} cores, avx512_bf16={about['avx512_bf16']}, amx_bf16={about['amx_bf16']}; "
              f"load average {about['load_average_at_start'][0]:.1f} at the start and "
              f"{about['load_average_at_end'][0]:.1f} at the end (a shared machine: other jobs ran throughout).", "",
-             "| concurrency | max-batch | images/s | p50 latency (s) | p95 latency (s) |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "| concurrency | max-batch | images/s | images/s per round | p50 latency (s) | p95 latency (s) |",
+             "| ---: | ---: | ---: | --- | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['concurrency']} | {row['max_batch']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | "
-                     f"{row['p95_s']:.2f} |")
+        rounds = ", ".join(f"{value:.2f}" for value in row["images_per_s_rounds"])
+        lines.append(f"| {row['concurrency']} | {row['max_batch']} | {row['images_per_s']:.2f} | {rounds} | "
+                     f"{row['p50_s']:.2f} | {row['p95_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -198,14 +198,13 @@ def create_app(pipe, *, model_id: str, model_name: str, api_key: str | None = No
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 pass
 
-        steps_run = options.steps - int((1 - options.strength) * options.steps) if image is not None else options.steps
-        previews = options.partial_images if options.partial_images is not None else (steps_run - 1) // 2
         job = Job(prompt=options.prompt, seeds=options.seeds, width=options.width, height=options.height,
                   steps=options.steps, notify=notify, guidance=options.guidance,
                   negative_prompt=options.negative_prompt, true_cfg_scale=options.true_cfg_scale, image=image,
                   strength=options.strength, output_format=options.output_format,
-                  output_compression=options.output_compression, previews=previews if options.stream else 0,
-                  model_name=model_name)
+                  output_compression=options.output_compression, model_name=model_name)
+        if options.stream:  # `partial_images` previews, or by default one every second step
+            job.previews = options.partial_images if options.partial_images is not None else (job.steps_run() - 1) // 2
         worker = request.app.state.worker
         try:
             worker.submit(job)
