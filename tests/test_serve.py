@@ -301,22 +301,40 @@ def test_mask_conventions():
 
 def test_a_client_that_leaves_frees_the_worker(pipe, server):
     url, app = server
-    decodes = []
+    decodes, steps = [], []
     decode = pipe.ae.decode
     pipe.ae.decode = lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs)
+    hook = pipe.model.register_forward_hook(lambda module, inputs, output: steps.append(output.shape[1]))
     try:
         # 5000 steps would take minutes; the client gives up after 2 s.
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/images/generations", timeout=2,
                        json={"prompt": "a long one", "size": "32x32", "steps": 5000, "seed": 1})
+        left_at = len(steps)
         started = time.monotonic()
         generate(url, "the next one", 2)
         waited = time.monotonic() - started
     finally:
         pipe.ae.decode = decode
-    # The next request ran (one decode: its own), and did not wait for thousands of steps.
+        hook.remove()
+    # The next request ran (one decode: its own), and did not wait for thousands of steps: after the client
+    # left, the long job took a few more steps (the server looks every 0.1 s; a tiny step is ~10-50 ms here),
+    # then the next request's 2 (1 extra step measured here).
     assert decodes == [1]
+    assert len(steps) - left_at - 2 < 20, f"{len(steps) - left_at - 2} steps ran after the client left"
     assert waited < 60, f"the next request waited {waited:.0f} s"
+
+
+def test_a_stream_that_is_closed_frees_the_worker(server):
+    url, _ = server
+    body = {"prompt": "a long stream", "size": "32x32", "steps": 5000, "seed": 1, "stream": True, "partial_images": 1000}
+    with httpx.stream("POST", url + "/v1/images/generations", json=body, timeout=TIMEOUT) as answer:
+        assert answer.status_code == 200
+        first = next(answer.iter_lines())
+        assert first == "event: image_generation.partial_image"
+    started = time.monotonic()  # closed after the first preview, thousands of steps before the end
+    generate(url, "after the stream", 2)
+    assert time.monotonic() - started < 60
 
 
 def test_a_request_past_the_timeout_stops_with_504(pipe):
