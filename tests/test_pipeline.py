@@ -218,9 +218,9 @@ def test_cli_writes_pngs_with_metadata(tiny_snapshot, tmp_path):
     code = main(["generate", "a red circle", "--model", str(tiny_snapshot), "-o", str(out), "--width", "48",
                  "--height", "32", "--seed", "5", "--num-images", "2", "--dtype", "fp32", "--quiet"])
     assert code == 0
-    for i in range(2):
+    for i in range(2):  # image i has seed 5 + i (flux.pipelines.requests.image_seeds)
         picture = Image.open(tmp_path / f"out_{i}.png")
-        assert picture.size == (48, 32) and picture.text["prompt"] == "a red circle" and picture.text["seed"] == "5"
+        assert picture.size == (48, 32) and picture.text["prompt"] == "a red circle" and picture.text["seed"] == str(5 + i)
 
 
 @pytest.mark.parametrize("args, message", [

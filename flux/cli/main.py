@@ -1,5 +1,6 @@
 """The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
-`flux train ...` is `python -m flux.training ...` (see `flux train --help`).
+`flux train ...` is `python -m flux.training ...` (see `flux train --help`); `flux serve ...` is the server of
+flux/serve/command.py (see `flux serve --help`).
 
 Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
 never a traceback.
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
     # Listed for `flux --help`; `main` hands everything after `train` to flux.training.command, which has its own flags.
     commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
+    commands.add_parser("serve", help="serve a model over the OpenAI Images API (flux serve --help)", add_help=False)
     return main
 
 
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
         from flux.training.command import main as train
 
         return train(argv[1:])
+    if argv[:1] == ["serve"]:
+        from flux.serve.command import main as serve
+
+        return serve(argv[1:])
     args = parser().parse_args(argv)  # exits with 2 on malformed arguments
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="flux: %(message)s")
     from PIL import PngImagePlugin
@@ -62,7 +68,7 @@ def main(argv=None) -> int:
     from flux.weights.checkpoint import CheckpointError
     from flux.pipelines.pipeline import Pipeline
     from flux.pipelines.redux import load_redux
-    from flux.pipelines.requests import check_request
+    from flux.pipelines.requests import check_request, image_seeds
     from flux.pipelines.snapshots import builtin_model
 
     try:
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
         # Before loading the model: a bad size should not cost a 30 GB read.
         check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
                       num_images_per_prompt=args.num_images, strength=args.strength, image=image)
+        # One seed per image, seed + i: each image reproducible alone, and equal to the server's (flux serve).
+        seeds = image_seeds(args.seed, args.num_images)
         model = args.model if args.model is not None else builtin_model()
         # Redux first, small: a wrong folder should not cost the transformer's read. Same device and dtype choice.
         redux = None if args.redux is None else load_redux(args.redux, device=args.device, dtype=DTYPES.get(args.dtype))
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images, image=image,
+                      guidance=args.guidance, seed=seeds, num_images_per_prompt=args.num_images, image=image,
                       strength=args.strength, progress=not args.quiet, redux_image=redux_images or None, redux=redux)
     except (ValueError, CheckpointError) as error:
         print(f"flux: error: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ wherever it comes from, before a 30 GB read or a minute of sampling.
 
 import math
 import numbers
+import random
 
 import torch
 
@@ -66,6 +67,20 @@ def check_seeds(seed, batch: int) -> tuple:
                              f"got {value!r:.80}")
     seeds = [int(value) for value in seeds]
     return (seeds if isinstance(seed, (list, tuple)) else seeds[0]), seeds
+
+
+def image_seeds(seed, count: int) -> list[int]:
+    """The seeds of `count` images asked for with one seed (None: a random one): seed, seed + 1, ...
+
+    Each image then has a seed of its own, the one its metadata records: `flux generate --seed s+i` makes image i
+    of `--seed s --num-images n` alone, and the server can batch an image with other requests' images (a single
+    seed draws the whole batch from one generator, so its images depend on their place in the batch)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    if not (is_int(seed) and SEED_RANGE[0] <= seed and seed + count - 1 <= SEED_RANGE[1]):
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64 - {count}] for {count} image(s) (their seeds "
+                         f"are seed, seed + 1, ...), got {seed!r:.80}")
+    return [int(seed) + index for index in range(count)]
 
 
 def activation_bytes(params, ae, *, batch: int, height: int, width: int, text_tokens: int, itemsize: int,
