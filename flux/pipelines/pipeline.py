@@ -21,9 +21,11 @@ from flux.pipelines.redux import check_text_inputs
 from flux.pipelines.requests import activation_bytes, check_request, check_seeds, is_number
 from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 from flux.pipelines.snapshots import builtin_model, resolve_snapshot, sampling_defaults
+from flux.runtime.cache import check_cache, first_block_cache
 from flux.runtime.offload import offload_blocks
 from flux.weights import lora
 from flux.weights.fp8 import load_fp8_flow_model
+from flux.weights.int8 import quantize_int8
 from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
 
 log = logging.getLogger("flux")
@@ -54,7 +56,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, offload=False,
-                        release_text_encoders=False, fp8=False) -> "Pipeline":
+                        release_text_encoders=False, fp8=False, quantize=None) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         `dtype` None computes in what is fast on `device` (flux/pipelines/devices.py): bf16 on GPUs and on CPUs
@@ -70,14 +72,20 @@ class Pipeline:
         about 9.5 GB less.
         With `fp8`, the transformer's block weights are stored in float8_e4m3fn (about 12 GB for FLUX.1, from any
         file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/weights/fp8.py).
+        `quantize="int8"` makes the blocks' attention and MLP Linears compute in int8 (W8A8, flux/weights/int8.py):
+        about half the transformer's memory, and faster products on hardware with int8 dot products.
         """
         _check_offload(offload)
+        if quantize not in (None, "int8") or (quantize and fp8):
+            raise ValueError(f"quantize must be None or 'int8' (and not combined with fp8=True), got {quantize!r:.80}")
         root = resolve_snapshot(path)
         device = torch.device(device) if device is not None else default_device()
         dtype = default_dtype(device) if dtype is None else dtype
         load_device = "cpu" if offload else device
         load_transformer = load_fp8_flow_model if fp8 else load_flow_model
         model = load_transformer(root, device=load_device, dtype=dtype)
+        if quantize == "int8":
+            quantize_int8(model)
         defaults = sampling_defaults(root, guidance_embed=model.params.guidance_embed)
         return cls(
             model=model,
@@ -102,6 +110,7 @@ class Pipeline:
         image=None, strength=0.8, output_type="pil", progress=True, callback=None, negative_prompt=None,
         true_cfg_scale=1.0, max_sequence_length=None, t5_attention_mask=False, prompt_embeds=None,
         pooled_prompt_embeds=None, redux_image=None, redux=None, prompt_embeds_scale=1.0, pooled_prompt_embeds_scale=1.0,
+        cache=None, cache_threshold=0.08,
     ):
         """Prompt(s) -> images: a list of PIL images by default (see `output_type`).
 
@@ -112,6 +121,8 @@ class Pipeline:
         `prompt`. `redux_image` with `redux` (`flux.load_redux`) appends FLUX.1 Redux's image tokens to the
         prompt's, `prompt_embeds_scale` and `pooled_prompt_embeds_scale` scale the text conditioning
         (flux/pipelines/redux.py, docs/redux.md).
+        `cache="first-block"` skips the transformer's later blocks at steps whose first block changed by less than
+        `cache_threshold` (relative) since the last full step: for many-step sampling (flux/runtime/cache.py).
         """
         prompts, text = check_text_inputs(
             prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, redux_image=redux_image,
@@ -131,6 +142,10 @@ class Pipeline:
             seed = random.SystemRandom().randrange(2**63)
             log.info("seed %d", seed)
         seed, seeds = check_seeds(seed, batch)
+        check_cache(cache, cache_threshold)
+        if cache is not None and negative_prompt is not None and true_cfg_scale > 1:
+            raise ValueError("cache= does not combine with true classifier-free guidance (negative_prompt with "
+                             "true_cfg_scale > 1): its two predictions per step would share one cache")
         text_tokens = (max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1]) + text.redux_tokens
         self._check_memory(batch, height, width, text_tokens, decode=output_type != "latent")
 
@@ -153,7 +168,8 @@ class Pipeline:
         if image is not None:
             x, timesteps = img2img_start(pack(self._encode_image(image, batch, width, height)), x, timesteps, strength)
 
-        with self._on_device(self.model):
+        caching = first_block_cache(self.model, threshold=cache_threshold) if cache else contextlib.nullcontext()
+        with self._on_device(self.model), caching:
             bar = (lambda steps: tqdm(steps, desc="flux", unit="step")) if progress else None
             x = denoise(self.model, x, image_ids(batch, height, width, device=self.device), txt,
                         text_ids(batch, txt.shape[1], device=self.device), vec, timesteps, guidance=guidance,
@@ -306,10 +322,10 @@ def generate(prompt, *, model=None, **kwargs) -> list:
     """Prompt(s) -> list of PIL images, with a pipeline built once per model and kept for later calls.
 
     `model`: a FLUX.1 repository folder or a Hugging Face repo id; None uses the small built-in model.
-    `device`, `dtype`, `offload`, `release_text_encoders` and `fp8` choose how it loads; every other keyword goes
+    `device`, `dtype`, `offload`, `release_text_encoders`, `fp8` and `quantize` choose how it loads; every other keyword goes
     to `Pipeline.__call__`.
     """
-    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8")
+    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8", "quantize")
                     if key in kwargs}
     if model is None:
         model = builtin_model()
