@@ -169,12 +169,14 @@ class Pipeline:
             x, timesteps = img2img_start(pack(self._encode_image(image, batch, width, height)), x, timesteps, strength)
 
         caching = first_block_cache(self.model, threshold=cache_threshold) if cache else contextlib.nullcontext()
-        with self._on_device(self.model), caching:
+        with self._on_device(self.model), caching as cached:
             bar = (lambda steps: tqdm(steps, desc="flux", unit="step")) if progress else None
             x = denoise(self.model, x, image_ids(batch, height, width, device=self.device), txt,
                         text_ids(batch, txt.shape[1], device=self.device), vec, timesteps, guidance=guidance,
                         txt_mask=mask, negative=negative, true_cfg_scale=true_cfg_scale, callback=callback,
                         progress=bar)
+        if cached is not None:
+            log.info("first-block cache: %d of %d steps reused the other blocks", cached.skipped, len(cached.steps))
         latents = unpack(x, height, width)
         if output_type == "latent":
             return latents
