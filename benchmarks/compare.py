@@ -51,7 +51,7 @@ TEXT_TOKENS = 256  # FLUX.1-schnell's T5 length, what both pipelines use here
 # The workers: one pipeline in one process, driven by JSON lines on stdin
 # --------------------------------------------------------------------------------------------------
 
-def worker(side: str, snapshot: Path, dtype: torch.dtype, threads: int) -> None:
+def worker(side: str, snapshot: Path, dtype: torch.dtype, threads: int, quantize: str | None = None) -> None:
     """Loads one side's pipeline, reports the load, then runs each requested call and reports its timings."""
     torch.set_num_threads(threads)
     timings: dict[str, list[float]] = {}
@@ -70,7 +70,8 @@ def worker(side: str, snapshot: Path, dtype: torch.dtype, threads: int) -> None:
 
         # The issue's memory target counts the text encoders released before denoising, as `flux generate` does;
         # a later call reads them again from the page cache, inside the timed text encoding.
-        pipe = Pipeline.from_pretrained(snapshot, device="cpu", dtype=dtype, release_text_encoders=True)
+        pipe = Pipeline.from_pretrained(snapshot, device="cpu", dtype=dtype, release_text_encoders=True,
+                                        quantize=quantize)
         transformer = pipe.model
         pipe._encode = timed("text", pipe._encode)  # tokenizers, T5 and CLIP: what diffusers' encode_prompt does
         pipe.ae.decode = timed("decode", pipe.ae.decode)
@@ -130,10 +131,10 @@ def rss_gb() -> float:
 class Worker:
     """A worker process seen from the driver."""
 
-    def __init__(self, side: str, snapshot: Path, dtype: str, threads: int):
+    def __init__(self, side: str, snapshot: Path, dtype: str, threads: int, quantize: str | None = None):
         self.side = side
         command = [sys.executable, "-m", "benchmarks.compare", "--worker", side, "--snapshot", str(snapshot),
-                   "--dtypes", dtype, "--threads", str(threads)]
+                   "--dtypes", dtype, "--threads", str(threads)] + (["--quantize", quantize] if quantize else [])
         environment = dict(os.environ, DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error")
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=environment)
@@ -282,7 +283,7 @@ def measure_case(case: dict, snapshot: Path, args, *, first: str) -> None:
     try:
         for side in sides:
             log(f"{dtype} {size}²: loading {side}")
-            workers[side] = Worker(side, snapshot, dtype, args.threads)
+            workers[side] = Worker(side, snapshot, dtype, args.threads, args.quantize if side == "ours" else None)
         runs = {side: [] for side in sides}
         for round_ in range(args.runs):
             for side in (sides if round_ % 2 == 0 else sides[::-1]):
@@ -320,14 +321,15 @@ def machine(threads: int) -> dict:
     import diffusers
     import transformers
     return {"cpu": model, "cores": os.cpu_count(), "threads": threads,
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
             "quiet_flag": Path("/tmp/flux-quiet").exists(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             # Which code was measured: the files change under a working tree that is not yet committed.
             "sha256": {name: hashlib.sha256((ROOT / "flux" / name).read_bytes()).hexdigest()[:16]
                        for name in ("modules/transformer.py", "modules/autoencoder.py", "pipelines/sampling.py",
-                                    "pipelines/pipeline.py", "weights/loading.py", "weights/checkpoint.py")}}
+                                    "pipelines/pipeline.py", "weights/loading.py", "weights/checkpoint.py",
+                                    "weights/int8.py")}}
 
 
 def log(message: str) -> None:
@@ -347,7 +349,8 @@ def write(results: dict, out: Path) -> None:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, avx512_bf16: {m['avx512_bf16']}; "
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, avx512_bf16: {m['avx512_bf16']}, "
+             f"avx512_vnni: {m.get('avx512_vnni')}; "
              f"torch {m['torch']}, diffusers {m['diffusers']}; quiet flag: {m['quiet_flag']}; load average at start "
              f"{m['load_average_at_start'][0]:.1f}; {m['date']}.", "",
              f"Medians of {results['config']['runs']} runs per side; times in seconds, memory in GiB; "
@@ -426,11 +429,13 @@ def main():
     parser.add_argument("--double", type=int, default=2)
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--t5-layers", type=int, default=2)
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="ours with Pipeline.from_pretrained(quantize=...); diffusers as it is")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--roofline-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.snapshot, getattr(torch, args.dtypes[0]), args.threads)
+        worker(args.worker, args.snapshot, getattr(torch, args.dtypes[0]), args.threads, args.quantize)
         return
     if args.roofline_case:
         config = json.loads((args.snapshot / "transformer" / "config.json").read_text())

@@ -30,13 +30,13 @@ from benchmarks.machine import machine, machine_line
 HERE = Path(__file__).resolve().parent
 
 
-def measure(snapshot: Path, sizes: list[int], dtypes: list[str], runs: int, threads: int) -> dict:
+def measure(snapshot: Path, sizes: list[int], dtypes: list[str], runs: int, threads: int, warmup: bool = True) -> dict:
     from diffusers import AutoencoderKL
 
     from flux.weights.loading import load_autoencoder
 
     torch.set_num_threads(threads)
-    results = {"machine": machine(threads), "runs": runs, "cases": []}
+    results = {"machine": machine(threads), "runs": runs, "warmup": warmup, "cases": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         ours = load_autoencoder(snapshot / "ae.safetensors", dtype=dtype)
@@ -49,16 +49,17 @@ def measure(snapshot: Path, sizes: list[int], dtypes: list[str], runs: int, thre
             case = {"dtype": dtype_name, "size": size, "load_average_before": os.getloadavg()[0],
                     "wall_s": {side: [] for side in sides}, "cpu_s": {side: [] for side in sides}}
             with torch.inference_mode():
-                images = {side: decode(z).float() for side, decode in sides.items()}  # the warm-up calls
-                case["max_abs_difference"] = (images["ours"] - images["diffusers"]).abs().max().item()
+                # The warm-up calls (untimed), or without them the first round's images, for the difference.
+                images = {side: decode(z).float() for side, decode in sides.items()} if warmup else {}
                 for round_ in range(runs):
                     for side in (sides if round_ % 2 == 0 else reversed(list(sides))):
                         start, start_cpu = time.perf_counter(), time.process_time()
-                        sides[side](z)
+                        images.setdefault(side, sides[side](z).float())
                         case["wall_s"][side].append(time.perf_counter() - start)
                         case["cpu_s"][side].append(time.process_time() - start_cpu)
                         log(f"{dtype_name} {size}² {side}: {case['wall_s'][side][-1]:.2f} s wall, "
                             f"{case['cpu_s'][side][-1]:.2f} s CPU")
+            case["max_abs_difference"] = (images["ours"] - images["diffusers"]).abs().max().item()
             case["load_average_after"] = os.getloadavg()[0]
             results["cases"].append(case)
     return results
@@ -66,7 +67,8 @@ def measure(snapshot: Path, sizes: list[int], dtypes: list[str], runs: int, thre
 
 def markdown(results: dict) -> str:
     lines = [machine_line(results["machine"]), "",
-             f"Medians of {results['runs']} calls per side, alternating, after one warm-up each; seconds. "
+             f"Medians of {results['runs']} calls per side, alternating, "
+             f"{'after one warm-up each' if results.get('warmup', True) else 'no warm-up'}; seconds. "
              "\"×\" is diffusers' time over ours (above 1: we are faster).", "",
              "| dtype | size | ours wall | diffusers wall | × wall | ours CPU | diffusers CPU | × CPU | max abs difference | load average |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -92,8 +94,9 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-warmup", action="store_true", help="time the first call too (for the slow 1024² cases)")
     args = parser.parse_args()
-    results = measure(build(args.snapshot), args.sizes, args.dtypes, args.runs, args.threads)
+    results = measure(build(args.snapshot), args.sizes, args.dtypes, args.runs, args.threads, warmup=not args.no_warmup)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode.json").write_text(json.dumps(results, indent=1))
     (args.out / "decode.md").write_text(markdown(results))
