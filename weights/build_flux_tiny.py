@@ -32,11 +32,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flux.training import shapes
+from flux.training import captions, heldout_captions, shapes
 from flux.modules.autoencoder import AutoEncoder, AutoEncoderParams
 from flux.modules.clip import CLIPTextConfig, CLIPTextModel
 from flux.modules.configs import FLUX_SCHNELL, SamplingDefaults
@@ -49,11 +50,14 @@ HERE = Path(__file__).resolve().parent
 STAGES = ("tokenizers", "text", "ae", "cache", "flow", "decoder", "export")
 
 IMAGE_SIZE = 64  # pixels; 8×8 latents, 16 image tokens
-MAX_SEQUENCE_LENGTH = 16  # T5 tokens: the longest caption has 13 (12 words and </s>)
-T5_CONFIG = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+MAX_SEQUENCE_LENGTH = 32  # T5 tokens: the training captions' 99th percentile (the build prints it)
+T5_VOCAB, CLIP_VOCAB = 8000, 8000  # sentencepiece pieces, BPE tokens: sub-words of the English word list
+# Small encoders: pre-training them must fit this machine's budget beside the transformer's.
+T5_CONFIG = dict(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, relative_attention_num_buckets=32,
                  relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
 CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    max_position_embeddings=77, layer_norm_eps=1e-5)
+TEXT_BATCH = 64  # captions per step of the text encoders' pre-training
 # Four levels (8× downsampling) and 16 latent channels as in FLUX, one ResNet block per level instead of two,
 # and widths (64, 32, 32, 64) instead of (128, 256, 512, 512). The two ends are the widest because GroupNorm(32)
 # over 32 channels is an instance norm: it erases each channel's mean over the picture, which for a flat
@@ -76,9 +80,13 @@ def main(argv=None) -> int:
                         help="caches and training checkpoints (not shipped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ae-steps", type=int, default=240)
+    parser.add_argument("--text-steps", type=int, default=1200)
     parser.add_argument("--flow-steps", type=int, default=4000)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="a transformer file to start the flow stage from (see start_from); default: from scratch")
     parser.add_argument("--decoder-steps", type=int, default=200)
-    parser.add_argument("--train-images", type=int, default=3000)
+    parser.add_argument("--train-images", type=int, default=4000)
+    parser.add_argument("--captions-per-image", type=int, default=6)
     parser.add_argument("--force", action="store_true", help="redo the chosen stage(s) even if their output exists")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +109,39 @@ def seeded(seed: int, stage: str) -> int:
 
 
 # ---- 1. tokenizers -----------------------------------------------------------------------------------
+# Both tokenizers have an open vocabulary: trained on a broad English word list and the training captions,
+# so that a word the captions never use still falls into known pieces (sub-words), not into <unk> or bytes.
+# The caption words themselves are whole pieces. The word list is read at build time only, not shipped.
+WORD_LIST = Path("/usr/share/dict/american-english")  # Debian's wamerican: 100 000 words
+
+
+def english_words() -> list[str]:
+    """The word list's plain lower-case words (no possessives, names or accents), in its order."""
+    if not WORD_LIST.is_file():
+        raise SystemExit(f"{WORD_LIST} is missing: the tokenizers are trained on it (apt-get install wamerican)")
+    words = WORD_LIST.read_text(encoding="utf-8").split()
+    return list(dict.fromkeys(w for w in words if w.isascii() and w.isalpha() and w.islower()))
+
+
+def noise_words() -> list[str]:
+    """The English words scattered through the training captions as noise: none that names a colour, shape,
+    size or position of the data set, and none the held-out evaluation uses (so that it stays unseen)."""
+    kept_out = set(captions.vocabulary()) | set(heldout_captions.vocabulary()) | set(shapes.vocabulary())
+    return [w for w in english_words() if 2 < len(w) < 8 and w not in kept_out]
+
+
+def training_captions(count: int, seed: int) -> list[tuple[shapes.Scene, str]]:
+    """`count` random scenes, each with one caption drawn by `captions.describe` (with noise words)."""
+    rng, noise = random.Random(seed), noise_words()
+    pairs = []
+    for _ in range(count):
+        scene = shapes.random_scene(rng)
+        pairs.append((scene, captions.describe(scene, rng, noise_words=noise)))
+    return pairs
+
 
 def stage_tokenizers(args) -> None:
-    """T5's `spiece.model` (+ `tokenizer.json`) and CLIP's `vocab.json` + `merges.txt`, from the captions."""
+    """T5's `spiece.model` (+ `tokenizer.json`) and CLIP's `vocab.json` + `merges.txt`, open-vocabulary."""
     if (args.out / "tokenizer_2" / "spiece.model").is_file() and not args.force:
         print("exists, skipped")
         return
@@ -111,19 +149,19 @@ def stage_tokenizers(args) -> None:
 
     from flux.weights.tokenizers import T5Tokenizer
 
-    rng = random.Random(seeded(args.seed, "tokenizers"))
-    captions = [shapes.random_caption(shapes.random_scene(rng), rng) for _ in range(20_000)]
+    corpus = [caption for _, caption in training_captions(30_000, seeded(args.seed, "tokenizers"))] + english_words()
+    caption_words = list(dict.fromkeys(captions.vocabulary() + shapes.vocabulary()))
     folder = args.out / "tokenizer_2"
     folder.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(args.seed)
-    # T5's conventions: <pad> 0, </s> 1, <unk> 2, no <s>. A unigram model big enough that every caption
-    # word is one piece; other words fall apart into letters. nmt_nfkc is T5's normalisation.
+    # T5's conventions: <pad> 0, </s> 1, <unk> 2, no <s>. nmt_nfkc_cf is T5's normalisation (nmt_nfkc) with
+    # case folding: "RED" and "Red" are "red", as CLIP's tokenizer lower-cases too.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=46, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2)
-    (folder / "spiece.model").write_bytes(with_whole_words(model.getvalue(), shapes.vocabulary()))
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=T5_VOCAB, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",
+        num_threads=1, minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
+    (folder / "spiece.model").write_bytes(with_whole_words(model.getvalue(), caption_words))
     write_json(folder / "tokenizer_config.json", dict(
         tokenizer_class="T5Tokenizer", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=100,
         model_max_length=MAX_SEQUENCE_LENGTH))
@@ -133,7 +171,7 @@ def stage_tokenizers(args) -> None:
 
     folder = args.out / "tokenizer"
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_bpe(shapes.vocabulary())
+    vocab, merges = clip_bpe(corpus, caption_words)
     write_json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -141,17 +179,20 @@ def stage_tokenizers(args) -> None:
     write_json(folder / "tokenizer_config.json", dict(tokenizer_class="CLIPTokenizer", model_max_length=77,
                                                       do_lower_case=True, **special))
     write_json(folder / "special_tokens_map.json", special)
-    for word in shapes.vocabulary():  # one token each, or the encoders would see pieces of words
-        assert T5Tokenizer.from_folder(args.out / "tokenizer_2").backend.encode(word).ids.__len__() == 1, word
+    t5 = T5Tokenizer.from_folder(args.out / "tokenizer_2").backend
+    for word in caption_words:  # one token each, or the encoders would see pieces of words
+        assert len(t5.encode(word).ids) == 1, word
+    lengths = sorted(len(t5.encode(caption).ids) + 1 for caption in corpus[:30_000])
+    print(f"T5 {t5.get_vocab_size()} pieces, CLIP {len(vocab)} tokens; captions' T5 length: median "
+          f"{lengths[len(lengths) // 2]}, 99th percentile {lengths[int(0.99 * len(lengths))]}, max {lengths[-1]}")
 
 
 def with_whole_words(model: bytes, words: list[str]) -> bytes:
     """A sentencepiece model with a piece for each of `words` (as "▁word") that it lacks.
 
-    The unigram trainer keeps letters and word fragments when the corpus has this few words; we want one
-    token per caption word. Each piece gets the best score any piece has, so the Viterbi split always prefers
-    the whole word to two or more pieces. `ModelProto.pieces` is field 1, repeated: pieces appended at the
-    end of the message join the list (protobuf concatenates repeated fields), after the trained ones.
+    Each piece gets the best score any piece has, so the Viterbi split always prefers the whole word to
+    two or more pieces. `ModelProto.pieces` is field 1, repeated: pieces appended at the end of the message
+    join the list (protobuf concatenates repeated fields), after the trained ones.
     """
     from flux.weights.tokenizers import _read_sentencepiece_model
 
@@ -180,52 +221,151 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
-def clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE vocabulary (GPT-2's byte alphabet, as CLIP's) whose merges make each word one token."""
-    # Printable bytes stand for themselves, the others for code points from 256 on (GPT-2's bytes_to_unicode).
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges = []
-    for word in words:  # left to right; a word's last symbol carries CLIP's end-of-word mark
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                tokens.append(pieces[0] + pieces[1])
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+def clip_bpe(corpus: list[str], words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary in CLIP's format, its merges learnt from `corpus` by the `tokenizers`
+    library's trainer on the same normalisation and pre-tokenisation as CLIP's; every one of `words` one token."""
+    from tokenizers import Tokenizer, models, trainers
+
+    from flux.weights.tokenizers import CLIPTokenizer
+
+    # The pipeline CLIPTokenizer runs (NFC, whitespace, lower case; CLIP's pieces, bytes as GPT-2's
+    # printable stand-ins), on an empty model to be trained.
+    reference = CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[], pad_token="<|endoftext|>",
+                              added_tokens=[]).backend
+    trainee = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    trainee.normalizer, trainee.pre_tokenizer = reference.normalizer, reference.pre_tokenizer
+    alphabet = byte_alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=CLIP_VOCAB, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+                                  show_progress=False, min_frequency=2)
+    trainee.train_from_iterator(corpus + words * 50, trainer)  # the caption words often enough to merge whole
+    merges = [" ".join(merge) if not isinstance(merge, str) else merge
+              for merge in json.loads(trainee.to_str())["model"]["merges"]]
+    # CLIP's order: the 256 byte symbols, the same with "</w>", the merged tokens, then the two specials.
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [merge.replace(" ", "") for merge in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]  # last, as in CLIP: the end of text has the largest id
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
+def byte_alphabet() -> list[str]:
+    """GPT-2's (and CLIP's) stand-ins for the 256 bytes: printable bytes stand for themselves, the others
+    for code points from 256 on (GPT-2's bytes_to_unicode), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
 # ---- 2. text encoders ------------------------------------------------------------------------------------
+# FLUX's text encoders are frozen while the transformer trains, and what makes FLUX.1 read plain English is
+# that T5 and CLIP were pre-trained on a lot of it. Ours are pre-trained on the captions instead, for the one
+# thing the transformer needs from them: the scene. Small classifier heads read the five attributes (shape,
+# colour, background, position, size) from CLIP's pooled vector, from the mean of T5's states and from
+# every one of T5's states (so that attention can find the scene wherever it looks, padding included: the
+# pipeline runs T5 unmasked); the encoders learn to make them readable, whatever the phrasing. The heads are
+# then dropped and the encoders frozen.
+ATTRIBUTES = (("shape", shapes.SHAPES), ("colour", tuple(shapes.COLOURS)), ("background", tuple(shapes.COLOURS)),
+              ("position", tuple(shapes.POSITIONS)), ("size", tuple(shapes.SIZES)))
+
+
+def scene_labels(scenes: list[shapes.Scene]) -> torch.Tensor:
+    """B scenes -> (B, 5) int64 class indices, one column per attribute of ATTRIBUTES."""
+    return torch.tensor([[values.index(getattr(scene, name)) for name, values in ATTRIBUTES] for scene in scenes])
+
+
+class SceneHeads(torch.nn.Module):
+    """(..., C) features -> a list of five (..., classes) logits, one per attribute."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, len(values)) for _, values in ATTRIBUTES)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return [head(features) for head in self.heads]
+
+
+def scene_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the attributes; logits (B, classes) or (B, L, classes), labels (B, 5)."""
+    total = 0.0
+    for k, attribute in enumerate(logits):
+        target = labels[:, k] if attribute.ndim == 2 else labels[:, k, None].expand(attribute.shape[:2])
+        total = total + F.cross_entropy(attribute.flatten(0, -2), target.flatten())
+    return total
+
+
+def text_encoders(out: Path) -> tuple[T5Encoder, CLIPTextModel, dict, dict]:
+    """Fresh T5 and CLIP encoders sized for the tokenizers in `out`, with their Hugging Face configs."""
+    t5_vocab = len(json.loads((out / "tokenizer_2" / "tokenizer.json").read_text())["model"]["vocab"])
+    clip_vocab = json.loads((out / "tokenizer" / "vocab.json").read_text())
+    eos = clip_vocab["<|endoftext|>"]
+    t5 = T5Encoder(T5Config(vocab_size=t5_vocab, **T5_CONFIG))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_vocab), eos_token_id=eos, **CLIP_CONFIG))
+    t5_config = dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=t5_vocab,
+                     feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new", dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **T5_CONFIG)
+    clip_config = dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=len(clip_vocab),
+                       hidden_act="quick_gelu", projection_dim=CLIP_CONFIG["hidden_size"],
+                       bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **CLIP_CONFIG)
+    return t5, clip, t5_config, clip_config
+
 
 def stage_text(args) -> None:
-    """Random, frozen T5 and CLIP encoders in the Hugging Face layout (config.json + model.safetensors)."""
+    """T5 and CLIP pre-trained to read the scene from the captions (see above), in the Hugging Face layout."""
     if (args.out / "text_encoder_2" / "model.safetensors").is_file() and not args.force:
         print("exists, skipped")
         return
-    seeded(args.seed, "text")
-    t5_vocab = len(json.loads((args.out / "tokenizer_2" / "tokenizer.json").read_text())["model"]["vocab"])
-    t5 = T5Encoder(T5Config(vocab_size=t5_vocab, **T5_CONFIG))
-    clip_vocab = json.loads((args.out / "tokenizer" / "vocab.json").read_text())
-    eos = clip_vocab["<|endoftext|>"]
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_vocab), eos_token_id=eos, **CLIP_CONFIG))
-    for name, module, config in (
-        ("text_encoder_2", t5, dict(architectures=["T5EncoderModel"], model_type="t5", vocab_size=t5_vocab,
-                                    feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new",
-                                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                    **T5_CONFIG)),
-        ("text_encoder", clip, dict(architectures=["CLIPTextModel"], model_type="clip_text_model",
-                                    vocab_size=len(clip_vocab), hidden_act="quick_gelu", projection_dim=CLIP_CONFIG["hidden_size"],
-                                    bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
-                                    **CLIP_CONFIG)),
-    ):
+    from flux.weights.tokenizers import CLIPTokenizer, T5Tokenizer
+
+    seed = seeded(args.seed, "text")
+    t5, clip, t5_config, clip_config = text_encoders(args.out)
+    t5_tokenizer = T5Tokenizer.from_folder(args.out / "tokenizer_2", max_length=MAX_SEQUENCE_LENGTH)
+    clip_tokenizer = CLIPTokenizer.from_folder(args.out / "tokenizer")
+    t5_heads, t5_mean_heads, clip_heads = SceneHeads(T5_CONFIG["d_model"]), SceneHeads(T5_CONFIG["d_model"]), \
+        SceneHeads(CLIP_CONFIG["hidden_size"])
+    modules = torch.nn.ModuleList([t5, clip, t5_heads, t5_mean_heads, clip_heads])
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1, (step + 1) / 50)
+                                                 * 0.5 * (1 + math.cos(math.pi * step / args.text_steps)))
+    pairs = training_captions(args.text_steps * TEXT_BATCH, seed)
+    held_out = heldout_captions.heldout_prompts(512, seed=12345)  # only measured, never trained on
+    start = time.perf_counter()
+    for step in range(args.text_steps):
+        chunk = pairs[step * TEXT_BATCH : (step + 1) * TEXT_BATCH]
+        labels = scene_labels([scene for scene, _ in chunk])
+        texts = [text for _, text in chunk]
+        states = t5(t5_tokenizer(texts))  # (B, T, D), unmasked as the pipeline runs it
+        pooled = clip(until_end_of_text(clip_tokenizer(texts), clip_tokenizer.eos_token_id))  # (B, V)
+        loss = scene_loss(t5_heads(states), labels) + scene_loss(t5_mean_heads(states.mean(1)), labels) + \
+            scene_loss(clip_heads(pooled), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == args.text_steps - 1:
+            with torch.no_grad():
+                texts = [text for _, text in held_out]
+                labels = scene_labels([scene for scene, _ in held_out])
+                states = t5(t5_tokenizer(texts))
+                pooled = clip(until_end_of_text(clip_tokenizer(texts), clip_tokenizer.eos_token_id))
+                right = [(torch.stack([a.argmax(-1) for a in heads(x)], -1) == labels).float().mean(0)
+                         for heads, x in ((t5_mean_heads, states.mean(1)), (clip_heads, pooled))]
+            print(f"text step {step:5d}  loss {loss.item():.3f}  held-out accuracy (shape colour background "
+                  f"position size) T5 {fmt(right[0])} CLIP {fmt(right[1])}  {time.perf_counter() - start:.0f} s",
+                  flush=True)
+    for name, module, config in (("text_encoder_2", t5, t5_config), ("text_encoder", clip, clip_config)):
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "config.json", config)
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors")
+
+
+def until_end_of_text(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, 77) CLIP ids cut after the last end-of-text token any row needs: CLIP is causal and pools at that
+    token, so the padding after it changes nothing (and costs time)."""
+    return ids[:, : int((ids == eos).int().argmax(1).max()) + 1]
+
+
+def fmt(accuracy: torch.Tensor) -> str:
+    return " ".join(f"{100 * a:.0f}" for a in accuracy.tolist())
 
 
 # ---- 3. autoencoder ------------------------------------------------------------------------------------
@@ -350,22 +490,26 @@ def stage_ae(args) -> None:
 # ---- 4. cache ------------------------------------------------------------------------------------------
 
 def stage_cache(args) -> None:
-    """The training set through the frozen parts, loaded from the files just written, as the pipeline loads them."""
+    """The training set through the frozen parts, loaded from the files just written, as the pipeline loads
+    them: each picture's latents and `--captions-per-image` of its captions (`captions.describe`)."""
     path = args.work / "cache.pt"
     if path.is_file() and not args.force:
         print("exists, skipped")
         return
-    images, captions = shapes.make_dataset(args.train_images, seed=seeded(args.seed, "cache"), image_size=IMAGE_SIZE)
+    rng, noise = random.Random(seeded(args.seed, "cache")), noise_words()
+    scenes = [shapes.random_scene(rng) for _ in range(args.train_images)]
+    images = torch.from_numpy(np.stack([np.asarray(shapes.render(scene, image_size=IMAGE_SIZE, rng=rng))
+                                        for scene in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    texts = [captions.describe(scene, rng, noise_words=noise) for scene in scenes for _ in range(args.captions_per_image)]
     ae = load_autoencoder(args.out, dtype=torch.float32).to(memory_format=torch.channels_last)  # faster on CPUs
     latents = encode_images(ae, images, batch_size=64)
     print(f"latents {tuple(latents.shape)}, mean {latents.mean():+.3f}, std {latents.std():.3f}", flush=True)
     t5 = load_t5(args.out, max_length=MAX_SEQUENCE_LENGTH, dtype=torch.float32)
     clip = load_clip(args.out, dtype=torch.float32)
-    unique = sorted(set(captions))
-    txt, vec = encode_captions(t5, clip, unique, batch_size=256)
-    index = {caption: i for i, caption in enumerate(unique)}
-    torch.save(dict(latents=latents, txt=txt, vec=vec, caption_index=torch.tensor([index[c] for c in captions])), path)
-    print(f"{len(captions)} images, {len(unique)} distinct captions", flush=True)
+    txt, vec = encode_captions(t5, clip, texts, batch_size=256)
+    caption_index = torch.arange(len(texts)).reshape(len(scenes), args.captions_per_image)  # (N, K)
+    torch.save(dict(latents=latents, txt=txt.half(), vec=vec, caption_index=caption_index), path)  # fp16: half the RAM
+    print(f"{len(scenes)} images, {len(texts)} captions", flush=True)
 
 
 # ---- 5. flow -------------------------------------------------------------------------------------------
@@ -377,6 +521,8 @@ def stage_flow(args) -> None:
     latents, txt, vec, caption_index = data["latents"], data["txt"], data["vec"], data["caption_index"]
     seed = seeded(args.seed, "flow")
     model = Flux(FLOW_PARAMS)
+    if args.init is not None and not checkpoint_path.is_file():
+        start_from(model, args.init)
     ema = Flux(FLOW_PARAMS).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-3, betas=(0.9, 0.99), weight_decay=0.0)
@@ -403,7 +549,9 @@ def stage_flow(args) -> None:
         # Uniform times: with a few sampling steps, the first one (from pure noise, t = 1) decides the layout,
         # so the ends of the path must be trained as often as the middle.
         t = sample_timesteps(batch, method="uniform", generator=generator)
-        loss = rectified_flow_loss(model, x0, txt[caption_index[rows]], vec[caption_index[rows]], t, noise=noise)
+        # One of each picture's captions, a different phrasing at each visit.
+        chosen = caption_index[rows, torch.randint(0, caption_index.shape[1], (batch,), generator=generator)]
+        loss = rectified_flow_loss(model, x0, txt[chosen].float(), vec[chosen], t, noise=noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -423,6 +571,19 @@ def stage_flow(args) -> None:
                             schedule=schedule.state_dict(), generator=generator.get_state(), step=step),
                        checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+
+def start_from(model: Flux, path: Path) -> None:
+    """Starts `model` from an earlier transformer file: every tensor of the same shape, except the two input
+    layers that read the text encoders (`txt_in`, `vector_in.in_layer`), which stay freshly initialised
+    because the encoders they were trained on are not these."""
+    from safetensors.torch import load_file
+
+    earlier, own = load_file(path), model.state_dict()
+    kept = {name: tensor for name, tensor in earlier.items() if name in own and own[name].shape == tensor.shape
+            and not name.startswith(("txt_in.", "vector_in.in_layer."))}
+    model.load_state_dict(kept, strict=False)
+    print(f"started from {path}: {len(kept)} of {len(own)} tensors", flush=True)
 
 
 # ---- 6. decoder ----------------------------------------------------------------------------------------
