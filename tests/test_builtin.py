@@ -5,8 +5,10 @@ The ground truth is the data set's own renderer (`flux.training.shapes`): the na
 by the mask it overlaps most — no use of the model's own earlier output.
 """
 
+import importlib.util
 import json
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from PIL import Image
 
 import flux
 from flux.training import shapes
+from flux.training.heldout_captions import heldout_prompts
 from flux.cli.main import main
 from flux.pipelines.pipeline import Pipeline
 from flux.pipelines.snapshots import BUILTIN
@@ -129,6 +132,56 @@ def test_layout_follows_the_prompt(generated):
         hits += best == (scene.shape, scene.position, scene.size)
         report.append(f"{shapes.caption(scene)!r} seed {seed}: drew {best} (IoU {scores[best]:.2f})")
     assert hits >= 0.75 * len(generated), "\n".join(report)
+
+
+# Held-out prompts: phrasings the model was not trained on (flux/training/heldout_captions.py), the first eight
+# of the evaluation's seed, each with its own fixed seed. weights/evaluate_flux_tiny.py measures 200 of them.
+HELD_OUT = heldout_prompts(8, seed=2026)
+
+
+@pytest.fixture(scope="module")
+def generated_held_out(pipe):
+    images = pipe([prompt for _, prompt in HELD_OUT], seed=list(range(len(HELD_OUT))), output_type="np", progress=False)
+    return [(scene, prompt, (image * 255).round().astype(np.uint8)) for (scene, prompt), image in zip(HELD_OUT, images)]
+
+
+def test_heldout_prompts_are_followed(generated_held_out):
+    """Plain-English prompts in phrasings outside the training captions: the shape's colour at the named
+    place and the background in the corners for all (one miss allowed), and the best-overlapping (shape,
+    position, size) mask the prompt's for at least six of eight."""
+    misses, layout_hits, report = 0, 0, []
+    for scene, prompt, picture in generated_held_out:
+        x, y = shapes.POSITIONS[scene.position]
+        half = max(1, round(0.5 * shapes.SIZES[scene.size] * picture.shape[0]))
+        found = region_colour(picture, x, y, half)
+        corners = [region_colour(picture, cx, cy, 3) for cx in (0.05, 0.95) for cy in (0.05, 0.95)]
+        colours_right = found == scene.colour and corners.count(scene.background) >= 3
+        misses += not colours_right
+        mask = shape_mask(picture.astype(np.float64), scene.colour, scene.background)
+        scores = {key: (mask & other).sum() / max((mask | other).sum(), 1)
+                  for key, other in scene_masks(scene.background, scene.colour, picture.shape[0]).items()}
+        best = max(scores, key=scores.get)
+        layout_hits += best == (scene.shape, scene.position, scene.size)
+        report.append(f"{prompt!r} ({scene}): {found} at the shape, corners {corners}, drew {best}")
+    assert misses <= 1 and layout_hits >= 6, "\n".join(report)
+
+
+def test_evaluation_reads_the_data_sets_own_pictures():
+    """weights/evaluate_flux_tiny.py's reader finds every attribute of the renderer's own (jittered) pictures:
+    a failure it reports is the model's, not the reader's."""
+    path = BUILTIN.parent / "evaluate_flux_tiny.py"
+    spec = importlib.util.spec_from_file_location("evaluate_flux_tiny", path)
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = shapes.random_scene(rng)
+        found = evaluate.read_picture(np.asarray(shapes.render(scene, image_size=64, rng=rng)), scene)
+        assert all(found.values()), (scene, found)
+    wrong = shapes.Scene("circle", "red", "blue", position="left", size="small")  # drawn elsewhere and larger
+    found = evaluate.read_picture(np.asarray(shapes.render(shapes.Scene("circle", "red", "blue", position="right"),
+                                                           image_size=64)), wrong)
+    assert found == dict(colour=False, background=True, position=False, size=False)
 
 
 def test_generate_without_a_model_uses_the_builtin_and_says_so(caplog):

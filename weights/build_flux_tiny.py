@@ -1,19 +1,24 @@
 """Builds weights/flux-tiny, the small built-in FLUX model, from nothing: `python weights/build_flux_tiny.py`.
 
 Every part is made here, with the library's own modules and training code, from the procedural data set of
-captioned shapes (`flux.training.shapes`):
+captioned shapes (`flux.training.shapes`) and its captions in many phrasings (`flux.training.captions`):
 
-  1. tokenizers    T5's sentencepiece model and CLIP's BPE files, from the caption vocabulary;
-  2. text          small T5 and CLIP text encoders with frozen random weights (FLUX's encoders are frozen
-                   too: the transformer learns to read whatever they produce);
+  1. tokenizers    T5's sentencepiece model and CLIP's BPE files, open-vocabulary: trained on an English word
+                   list (Debian's wamerican, build time only) and the captions;
+  2. text          small T5 and CLIP text encoders, pre-trained to read the scene from the captions, then
+                   frozen (FLUX's encoders are frozen too: the transformer learns to read what they produce);
   3. ae            a small autoencoder with the official structure and 16 latent channels, built so that
                    its latents are the pictures' colours at 1/16 size (see the note before `build_autoencoder`);
-  4. cache         the training set's latents and caption encodings, computed once;
+  4. cache         the training set's latents and the encodings of several captions per picture, computed once;
   5. flow          the FLUX transformer (head dim 128, rotary axes (16, 56, 56), schnell-style: no guidance
-                   embedding), trained with `flux.training.rectified_flow_loss`;
+                   embedding), trained with `flux.training.rectified_flow_loss`, from scratch or (`--init`)
+                   from an earlier transformer file;
   6. decoder       the autoencoder's decoder, trained to sharpen its blocky start (independent of 4-5: it
                    may run beside them, `--stage decoder`);
   7. export        the transformer's averaged (EMA) weights and the files that describe the repository.
+
+The held-out prompts (`flux.training.heldout_captions`) are never trained on; weights/evaluate_flux_tiny.py
+measures the built model on them.
 
 The output is laid out like the official repository (weights/README.md) and loads with
 `flux.Pipeline.from_pretrained`. Stages can be run one at a time (`--stage ae`); each skips work whose output
@@ -23,6 +28,7 @@ already exists, and the flow stage resumes from its last checkpoint in `--work`.
 import argparse
 import io
 import json
+import logging
 import math
 import random
 import struct
@@ -89,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--captions-per-image", type=int, default=6)
     parser.add_argument("--force", action="store_true", help="redo the chosen stage(s) even if their output exists")
     args = parser.parse_args(argv)
+    # The few captions longer than T5's 32 tokens are cut, as the pipeline cuts prompts; the tokenizer's
+    # warning for each would flood the log.
+    logging.getLogger("flux.weights.tokenizers").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()

@@ -6,7 +6,7 @@ picture is read back against the scene the prompt describes, with the data set's
 (`flux.training.shapes.COLOURS`) as the only reference:
 
   colour      the named colour nearest to the mean of the pixels inside the shape's expected place
-              (a square half the shape's half-extent, around its centre) is the shape's colour;
+              (a square 0.7 times the shape's half-extent, around its centroid) is the shape's colour;
   background  the commonest nearest named colour of the border pixels (3 pixels wide) is the background's;
   position    the pixels whose nearest named colour is not the background's (the drawn shape) have their
               centre nearest to the prompt's position among the five the data set has;
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=200, help="held-out prompts")
     parser.add_argument("--seed", type=int, default=2026, help="of the prompts; image i uses seed i")
     parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--failures", action="store_true", help="print the prompts that failed")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     for first in range(0, len(pairs), args.batch):
         chunk = pairs[first : first + args.batch]
         images = pipe([prompt for _, prompt in chunk], seed=list(range(first, first + len(chunk))),
-                      output_type="np", progress=False)
+                      num_steps=args.steps, output_type="np", progress=False)
         for (scene, prompt), image in zip(chunk, images):
             results.append((scene, prompt, read_picture((image * 255).round().astype(np.uint8), scene)))
     elapsed = time.perf_counter() - start
@@ -73,7 +74,10 @@ def read_picture(picture: np.ndarray, scene: shapes.Scene) -> dict[str, bool]:
     names = nearest_names(picture)  # (H, W) index into COLOURS
     colour_names = list(shapes.COLOURS)
     x, y = shapes.POSITIONS[scene.position]
-    half = max(1, round(0.5 * shapes.SIZES[scene.size] * side))
+    extent = shapes.SIZES[scene.size]
+    if scene.shape == "triangle":  # pointing up: its widest, surest part is below its box's centre
+        y += extent / 3
+    half = max(1, round(0.35 * extent * side))
     row, column = round(y * side), round(x * side)
     patch = picture[row - half : row + half, column - half : column + half].reshape(-1, 3).astype(np.float64)
     colour = shapes.nearest_colour(patch.mean(axis=0))

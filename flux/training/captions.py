@@ -98,17 +98,22 @@ def describe(scene: Scene, rng: random.Random, *, noise_words: Sequence[str] = (
     position = rng.choice(POSITION_PHRASES[scene.position]) if with_position else ""
 
     shape = join(size, scene.colour, shape_noun)
-    background = join(scene.background, background_noun) if rng.random() < 0.8 else \
-        rng.choice((f"{background_noun} of {scene.background}", f"{scene.background}", f"{background_noun}: {scene.background}"))
+    if rng.random() < 0.8:
+        background = join(scene.background, background_noun)
+    else:  # the colour after the noun, or alone
+        background = rng.choice((f"{background_noun} of {scene.background}", scene.background,
+                                 f"{background_noun}: {scene.background}"))
     if with_articles:
         shape, background = f"{article(shape)} {shape}", f"{article(background)} {background}"
     template = rng.choice(TEMPLATES)
     if "of {background}" in template and position not in OF_PHRASES:
         template = "{shape} {position} on {background}"
+    on, having = rng.choice(ON_WORDS), rng.choice(WITH_WORDS)
     text = template.format(
-        shape=shape, background=background, position=position, on=rng.choice(ON_WORDS), having=rng.choice(WITH_WORDS), shape_noun=join(size, shape_noun), colour=scene.colour,
-        background_colour=scene.background, background_noun=background_noun,
-        position_key=f"position: {position}," if position else "", size_key=f"size: {size}" if size else "")
+        shape=shape, background=background, position=position, on=on, having=having,
+        shape_noun=join(size, shape_noun), colour=scene.colour, background_colour=scene.background,
+        background_noun=background_noun, position_key=f"position: {position}," if position else "",
+        size_key=f"size: {size}" if size else "")
     text = join(rng.choice(PREFIXES), text) + rng.choice(SUFFIXES)
     words = text.split()
     for _ in range(rng.choice((0, 0, 0, 1, 1, 2)) if noise_words else 0):  # distractors at random places

@@ -10,6 +10,8 @@ Everything is drawn from a seed (`random.Random`), so the same seed gives the sa
 every machine. Shapes are drawn at 4× the size and downsampled, which antialiases their edges.
 
 `COLOURS` is the ground truth a test can check a generated picture against (tests/test_builtin.py).
+`caption` is the data set's one plain grammar; the built-in model is trained on many phrasings of each scene
+(`flux.training.captions`) and evaluated on others (`flux.training.heldout_captions`).
 """
 
 import random
