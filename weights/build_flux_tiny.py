@@ -50,7 +50,8 @@ from flux.modules.configs import FLUX_SCHNELL, SamplingDefaults
 from flux.weights.loading import load_autoencoder, load_clip, load_t5
 from flux.modules.transformer import Flux
 from flux.modules.t5 import T5Config, T5Encoder
-from flux.training.objective import encode_captions, encode_images, rectified_flow_loss, sample_timesteps
+from flux.training.data import encode_captions, encode_images
+from flux.training.objective import rectified_flow_loss, sample_timesteps
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("tokenizers", "text", "ae", "cache", "flow", "decoder", "export")
