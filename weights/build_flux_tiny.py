@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ae-steps", type=int, default=240)
     parser.add_argument("--text-steps", type=int, default=1200)
-    parser.add_argument("--flow-steps", type=int, default=4000)
+    parser.add_argument("--flow-steps", type=int, default=8000)
     parser.add_argument("--init", type=Path, default=None,
                         help="a transformer file to start the flow stage from (see start_from); default: from scratch")
     parser.add_argument("--decoder-steps", type=int, default=200)

@@ -37,7 +37,7 @@ BORDER = 3  # pixels
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=BUILTIN)
-    parser.add_argument("--count", type=int, default=200, help="held-out prompts")
+    parser.add_argument("--count", type=int, default=1000, help="held-out prompts")
     parser.add_argument("--seed", type=int, default=2026, help="of the prompts; image i uses seed i")
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
