@@ -2,7 +2,9 @@
 
 `configs["flux-schnell"]` and `configs["flux-dev"]` hold what differs between the two releases: the
 transformer's guidance embedding, the number of steps, the guidance scale, whether the schedule is
-shifted toward high noise for larger images, and how many T5 tokens the prompt gets.
+shifted toward high noise for larger images, and how many T5 tokens the prompt gets. The FLUX.1 family
+(Fill, Canny, Depth, Kontext; ../shared/manifests/README.md) are dev with a wider `img_in` or none, and
+their own sampling defaults: Black Forest Labs' published settings.
 """
 
 from dataclasses import dataclass, replace
@@ -46,6 +48,16 @@ configs = {
         ae_params=AutoEncoderParams(),
         sampling=SamplingDefaults(num_steps=50, guidance=3.5, shift_schedule=True, max_sequence_length=512),
     ),
+}
+DEV = configs["flux-dev"]
+# Fill sees 64 noisy + 64 masked-image + 256 mask channels per token, Canny/Depth 64 + 64 control channels;
+# Kontext's reference enters as extra tokens, so its img_in is dev's. BFL's defaults: Fill and Canny guidance
+# 30, Depth 10 (50 steps), Kontext 2.5 with 28 steps.
+configs |= {
+    "flux-fill-dev": replace(DEV, params=replace(DEV.params, in_channels=384), sampling=replace(DEV.sampling, guidance=30.0)),
+    "flux-canny-dev": replace(DEV, params=replace(DEV.params, in_channels=128), sampling=replace(DEV.sampling, guidance=30.0)),
+    "flux-depth-dev": replace(DEV, params=replace(DEV.params, in_channels=128), sampling=replace(DEV.sampling, guidance=10.0)),
+    "flux-kontext-dev": replace(DEV, sampling=replace(DEV.sampling, guidance=2.5, num_steps=28)),
 }
 
 # For tests: the real head dim (128) and rotary axes, everything else small and deliberately unequal

@@ -22,6 +22,7 @@ from flux.pipelines.requests import activation_bytes, check_request, check_seeds
 from flux.pipelines.sampling import denoise, get_noise, get_schedule, image_ids, img2img_start, pack, text_ids, unpack
 from flux.pipelines.snapshots import builtin_model, resolve_snapshot, sampling_defaults
 from flux.runtime.cache import check_cache, first_block_cache
+from flux.pipelines import variants
 from flux.runtime.offload import offload_blocks
 from flux.weights import lora
 from flux.weights.fp8 import load_fp8_flow_model
@@ -33,13 +34,15 @@ log = logging.getLogger("flux")
 
 class Pipeline:
     def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device=None, offload=False, source=None,
-                 release_text_encoders=False):
+                 release_text_encoders=False, variant=None):
         """From loaded components. `device` None: where the transformer already is. `release_text_encoders`
-        needs `source`, the folder they are read from again (see `from_pretrained`)."""
+        needs `source`, the folder they are read from again (see `from_pretrained`). `variant` None reads it
+        off the transformer; "kontext" must be said (its shapes are dev's)."""
         if release_text_encoders and source is None:
             raise ValueError("release_text_encoders=True needs the folder to read the text encoders from again: "
                              "pass source=, or load with Pipeline.from_pretrained")
         _check_offload(offload)
+        self._kontext = variants.check_variant(variant, model, kontext=False, source="the transformer") == "kontext"
         offload = "model" if offload is True else offload  # True, from before "blocks" existed
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
         self.release_text_encoders = release_text_encoders
@@ -56,7 +59,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, offload=False,
-                        release_text_encoders=False, fp8=False, quantize=None) -> "Pipeline":
+                        release_text_encoders=False, fp8=False, quantize=None, variant=None) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         `dtype` None computes in what is fast on `device` (flux/pipelines/devices.py): bf16 on GPUs and on CPUs
@@ -74,6 +77,8 @@ class Pipeline:
         file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/weights/fp8.py).
         `quantize="int8"` makes the blocks' attention and MLP Linears compute in int8 (W8A8, flux/weights/int8.py):
         about half the transformer's memory, and faster products on hardware with int8 dot products.
+        `variant` (flux/pipelines/variants.py) None reads it off the checkpoint: "fill", "control", "kontext" or
+        "text-to-image"; one that contradicts the checkpoint is a ValueError. The family's defaults follow it.
         """
         _check_offload(offload)
         if quantize not in (None, "int8") or (quantize and fp8):
@@ -86,18 +91,29 @@ class Pipeline:
         model = load_transformer(root, device=load_device, dtype=dtype)
         if quantize == "int8":
             quantize_int8(model)
-        defaults = sampling_defaults(root, guidance_embed=model.params.guidance_embed)
+        variant = variants.check_variant(variant, model, kontext=variants.is_kontext_checkpoint(root), source=root)
+        names = " ".join([str(root), *(p.name for p in root.glob("*.safetensors"))])
+        preset = variants.family_preset(variant, names) if model.params.guidance_embed else None
+        defaults = sampling_defaults(root, guidance_embed=model.params.guidance_embed, preset=preset)
         return cls(
             model=model,
             ae=load_autoencoder(root, device=load_device, dtype=dtype),
             t5=load_t5(root, max_length=defaults.max_sequence_length, device=load_device, dtype=dtype),
             clip=load_clip(root, device=load_device, dtype=dtype),
             defaults=defaults, device=device, offload=offload, source=root, release_text_encoders=release_text_encoders,
+            variant=variant,
         )
+
+    @property
+    def variant(self) -> str:
+        """"text-to-image", "fill", "control" or "kontext": what the transformer takes now (a control LoRA
+        makes a text-to-image model a control one, flux.weights.lora)."""
+        return variants.infer_variant(self.model, kontext=self._kontext)
 
     def load_lora(self, path, *, strength: float = 1.0) -> list[str]:
         """Adds a LoRA file (diffusers, kohya, Black Forest Labs, XLabs or OneTrainer keys) to the transformer,
-        un-merged, at `strength`; returns the layers it changes. Several may be loaded; see `flux.weights.lora`."""
+        un-merged, at `strength`; returns the layers it changes. Several may be loaded; see `flux.weights.lora`.
+        A control LoRA (flux1-canny-dev-lora) widens img_in: `variant` is then "control"."""
         return lora.load_lora(self.model, path, strength=strength)
 
     def unload_lora(self) -> None:
@@ -107,37 +123,45 @@ class Pipeline:
     @torch.inference_mode()
     def __call__(
         self, prompt=None, *, width=None, height=None, num_steps=None, guidance=None, seed=None, num_images_per_prompt=1,
-        image=None, strength=0.8, output_type="pil", progress=True, callback=None, negative_prompt=None,
+        image=None, strength=None, output_type="pil", progress=True, callback=None, negative_prompt=None,
         true_cfg_scale=1.0, max_sequence_length=None, t5_attention_mask=False, prompt_embeds=None,
         pooled_prompt_embeds=None, redux_image=None, redux=None, prompt_embeds_scale=1.0, pooled_prompt_embeds_scale=1.0,
-        cache=None, cache_threshold=0.08,
+        cache=None, cache_threshold=0.08, mask_image=None, control_image=None, auto_resize=None,
     ):
         """Prompt(s) -> images: a list of PIL images by default (see `output_type`).
 
         `seed` an int draws the whole batch from one generator (as the official code and diffusers do);
-        a list gives each image its own. `image` (PIL image(s) or a (B, 3, H, W) tensor in [0, 1]) with
-        `strength` turns this into image-to-image. `callback(step, t, latents)` runs after every step.
+        a list gives each image its own. `image` (PIL image(s), numpy arrays or tensors in [0, 1]) with
+        `strength` (default 0.8) turns a text-to-image model into image-to-image. `callback(step, t, latents)`
+        runs after every step.
         `prompt_embeds` (B, T, 4096) and `pooled_prompt_embeds` (B, 768), e.g. from `encode_prompt`, replace
         `prompt`. `redux_image` with `redux` (`flux.load_redux`) appends FLUX.1 Redux's image tokens to the
         prompt's, `prompt_embeds_scale` and `pooled_prompt_embeds_scale` scale the text conditioning
         (flux/pipelines/redux.py, docs/redux.md).
         `cache="first-block"` skips the transformer's later blocks at steps whose first block changed by less than
         `cache_threshold` (relative) since the last full step: for many-step sampling (flux/runtime/cache.py).
+        The family's images (flux/pipelines/variants.py, docs/family.md): Fill `image` and `mask_image` (white
+        repainted; `strength` default 1), Canny/Depth `control_image`, Kontext `image` one reference or a list
+        (`auto_resize` True: to the nearest trained resolution); without width and height, their output has
+        the size of the (first) condition image.
         """
         prompts, text = check_text_inputs(
             prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, redux_image=redux_image,
             redux=redux, prompt_embeds_scale=prompt_embeds_scale, pooled_prompt_embeds_scale=pooled_prompt_embeds_scale,
             t5_attention_mask=t5_attention_mask, params=self.model.params)
-        width = self.defaults.image_size if width is None else width  # 1024 for the official models
-        height = self.defaults.image_size if height is None else height
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
         # Without a prompt, the checks count the embeddings' rows or the Redux images' groups as the prompts.
         counted = [""] * text.count if prompts is None else prompts
         guidance = self._check_arguments(counted, width, height, num_steps, guidance, num_images_per_prompt,
-                                         strength, output_type, negative_prompt, true_cfg_scale, image,
+                                         strength, output_type, negative_prompt, true_cfg_scale,
                                          max_sequence_length, callback)
         max_sequence_length = max_sequence_length or self.defaults.max_sequence_length
         batch = text.count * num_images_per_prompt
+        request = variants.check_images(self.variant, image=image, mask_image=mask_image, control_image=control_image,
+                                        auto_resize=auto_resize, strength=strength, prompts=text.count,
+                                        per_prompt=num_images_per_prompt)
+        # 1024 for the official models, unless a condition image gives the size
+        width, height = variants.output_size(request, width, height, default=self.defaults.image_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
             log.info("seed %d", seed)
@@ -147,7 +171,8 @@ class Pipeline:
             raise ValueError("cache= does not combine with true classifier-free guidance (negative_prompt with "
                              "true_cfg_scale > 1): its two predictions per step would share one cache")
         text_tokens = (max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1]) + text.redux_tokens
-        self._check_memory(batch, height, width, text_tokens, decode=output_type != "latent")
+        self._check_memory(batch, height, width, text_tokens + variants.reference_tokens(request),
+                           decode=output_type != "latent")
 
         # The text encoders run once per call, before the loop; the loop sees only their outputs.
         txt, vec, mask = self._text_conditioning(prompts, text, num_images_per_prompt, max_sequence_length,
@@ -165,8 +190,9 @@ class Pipeline:
         x = pack(noise)
         timesteps = get_schedule(num_steps, x.shape[1], shift=self.defaults.shift_schedule,
                                  base_shift=self.defaults.base_shift, max_shift=self.defaults.max_shift)
-        if image is not None:
-            x, timesteps = img2img_start(pack(self._encode_image(image, batch, width, height)), x, timesteps, strength)
+        condition, start = variants.prepare(request, encode=self._encode_pixels, batch=batch, width=width, height=height)
+        if start is not None:
+            x, timesteps = img2img_start(start, x, timesteps, request.strength)
 
         caching = first_block_cache(self.model, threshold=cache_threshold) if cache else contextlib.nullcontext()
         with self._on_device(self.model), caching as cached:
@@ -174,7 +200,7 @@ class Pipeline:
             x = denoise(self.model, x, image_ids(batch, height, width, device=self.device), txt,
                         text_ids(batch, txt.shape[1], device=self.device), vec, timesteps, guidance=guidance,
                         txt_mask=mask, negative=negative, true_cfg_scale=true_cfg_scale, callback=callback,
-                        progress=bar)
+                        progress=bar, condition=condition)
         if cached is not None:
             log.info("first-block cache: %d of %d steps reused the other blocks", cached.skipped, len(cached.steps))
         latents = unpack(x, height, width)
@@ -198,11 +224,12 @@ class Pipeline:
         return images
 
     def _check_arguments(self, prompts, width, height, num_steps, guidance, num_images_per_prompt, strength,
-                         output_type, negative_prompt, true_cfg_scale, image, max_sequence_length, callback):
-        """Every argument checked before any heavy work; returns the guidance to use."""
+                         output_type, negative_prompt, true_cfg_scale, max_sequence_length, callback):
+        """Every argument but the images (variants.check_images) checked before any heavy work; returns the
+        guidance to use."""
         check_request(prompts, width=width, height=height, num_steps=num_steps,
                       num_images_per_prompt=num_images_per_prompt, strength=strength, output_type=output_type,
-                      negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image,
+                      negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                       max_sequence_length=max_sequence_length)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be a function (step, t, latents) or None, got {callback!r:.80}")
@@ -281,21 +308,10 @@ class Pipeline:
             mask = mask.repeat_interleave(repeats, dim=0)
         return txt.repeat_interleave(repeats, dim=0), vec.repeat_interleave(repeats, dim=0), mask
 
-    def _encode_image(self, image, batch, width, height):
-        """PIL image(s) or a (B, 3, H, W) tensor in [0, 1] -> (B, 16, H/8, W/8) latents (posterior mean)."""
-        if isinstance(image, torch.Tensor):
-            pixels = image.float()
-            if pixels.ndim != 4 or pixels.shape[1] != 3:
-                raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got shape {tuple(pixels.shape)}")
-            if pixels.shape[-2:] != (height, width):
-                pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True)
-        else:
-            images = image if isinstance(image, (list, tuple)) else [image]
-            pixels = torch.stack([torch.from_numpy(np.array(i.convert("RGB").resize((width, height), Image.LANCZOS))).permute(2, 0, 1)
-                                  for i in images]).float() / 255  # (B, 3, H, W)
-        pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
+    def _encode_pixels(self, images):
+        """(B, 3, H, W) images in [-1, 1] -> (B, 16, H/8, W/8) fp32 latents, the posterior mean."""
         with self._on_device(self.ae):
-            return self.ae.encode((pixels * 2 - 1).to(self.device, self.dtype)).float()
+            return self.ae.encode(images.to(self.device, self.dtype)).float()
 
     @contextlib.contextmanager
     def _on_device(self, module):
@@ -324,10 +340,12 @@ def generate(prompt, *, model=None, **kwargs) -> list:
     """Prompt(s) -> list of PIL images, with a pipeline built once per model and kept for later calls.
 
     `model`: a FLUX.1 repository folder or a Hugging Face repo id; None uses the small built-in model.
-    `device`, `dtype`, `offload`, `release_text_encoders`, `fp8` and `quantize` choose how it loads; every other keyword goes
-    to `Pipeline.__call__`.
+    `device`, `dtype`, `offload`, `release_text_encoders`, `fp8`, `quantize` and `variant` choose how it loads;
+    every other keyword (the family's `image`, `mask_image`, `control_image`, `auto_resize` among them) goes to
+    `Pipeline.__call__`.
     """
-    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8", "quantize")
+    load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8", "quantize",
+                                                     "variant")
                     if key in kwargs}
     if model is None:
         model = builtin_model()

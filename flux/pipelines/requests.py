@@ -16,7 +16,7 @@ MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1-dev was trained with 512, and dif
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
-def check_request(prompts, *, width, height, num_steps, num_images_per_prompt=1, strength=0.8, output_type="pil",
+def check_request(prompts, *, width, height, num_steps, num_images_per_prompt=1, strength=None, output_type="pil",
                   negative_prompt=None, true_cfg_scale=1.0, image=None, max_sequence_length=None) -> None:
     """The checks that need no model: the `flux` command runs them before loading one. None (for width,
     height, num_steps, max_sequence_length) means the model's default, checked later. Booleans are not numbers
@@ -40,7 +40,7 @@ def check_request(prompts, *, width, height, num_steps, num_images_per_prompt=1,
         raise ValueError(f"num_steps must be an integer ≥ 1 (and at most {MAX_STEPS}), got {num_steps!r:.80}")
     if not (is_int(num_images_per_prompt) and num_images_per_prompt >= 1):
         raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r:.80}")
-    if not (is_number(strength) and 0 < strength <= 1):
+    if strength is not None and not (is_number(strength) and 0 < strength <= 1):  # None: the variant's default
         raise ValueError(f"strength must lie in (0, 1], got {strength!r:.80}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r:.80}")

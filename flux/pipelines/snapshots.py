@@ -16,9 +16,10 @@ log = logging.getLogger("flux")
 
 
 
-def sampling_defaults(root: Path, *, guidance_embed: bool) -> SamplingDefaults:
-    """schnell's or dev's defaults, from the loaded model and the repository's scheduler settings."""
-    defaults = configs["flux-dev" if guidance_embed else "flux-schnell"].sampling
+def sampling_defaults(root: Path, *, guidance_embed: bool, preset: str | None = None) -> SamplingDefaults:
+    """schnell's or dev's defaults (or those of `preset`, a family member's), from the loaded model and the
+    repository's scheduler settings."""
+    defaults = configs[preset or ("flux-dev" if guidance_embed else "flux-schnell")].sampling
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         settings = read_json_object(scheduler)
