@@ -85,10 +85,7 @@ def build_tiny_snapshot(root: Path, *, dev: bool, seed: int = 0) -> Path:
                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 64, 64], layers_per_block=2,
                         latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
                         use_quant_conv=False, use_post_quant_conv=False)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=params.depth, num_single_layers=params.depth_single_blocks,
-        attention_head_dim=128, num_attention_heads=params.num_heads, joint_attention_dim=params.context_in_dim,
-        pooled_projection_dim=params.vec_in_dim, guidance_embeds=dev, axes_dims_rope=params.axes_dim)
+    transformer = random_transformer(dev=dev, randomize=False)  # below, after the others, as it always was
     with torch.no_grad():  # random everywhere: no zero-initialised layer may hide a path
         for module in (text_encoder, text_encoder_2, vae, transformer):
             for p in module.parameters():
@@ -99,6 +96,44 @@ def build_tiny_snapshot(root: Path, *, dev: bool, seed: int = 0) -> Path:
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.save_pretrained(root)
+    return root
+
+
+def random_transformer(*, dev: bool, in_channels: int = 64, randomize: bool = True):
+    """diffusers' FluxTransformer2DModel at the TINY size, random everywhere; `in_channels` 384 is a Fill
+    model, 128 a Canny/Depth one (their outputs stay 64 channels)."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux.modules.configs import TINY
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, out_channels=64, num_layers=TINY.depth,
+        num_single_layers=TINY.depth_single_blocks, attention_head_dim=128, num_attention_heads=TINY.num_heads,
+        joint_attention_dim=TINY.context_in_dim, pooled_projection_dim=TINY.vec_in_dim, guidance_embeds=dev,
+        axes_dims_rope=TINY.axes_dim)
+    with torch.no_grad():
+        for p in transformer.parameters() if randomize else ():
+            p.add_(torch.randn_like(p) * 0.02)
+    return transformer
+
+
+def build_family_snapshot(dev_root: Path, root: Path, *, in_channels: int, pipeline: str, name: str, seed: int) -> Path:
+    """A FLUX.1 family member's repository (manifests/README.md, "The FLUX.1 family"): the dev snapshot's text
+    encoders, autoencoder and scheduler, a new random transformer taking `in_channels`, model_index.json naming
+    `pipeline` (FluxFillPipeline, FluxControlPipeline, FluxKontextPipeline) and the single file `name`.safetensors."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from flux import load_flow_model
+
+    shutil.copytree(dev_root, root, ignore=shutil.ignore_patterns("transformer", "flux1-*.safetensors"), dirs_exist_ok=True)
+    torch.manual_seed(seed)
+    random_transformer(dev=True, in_channels=in_channels).save_pretrained(root / "transformer")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}, indent=2))
+    model = load_flow_model(root / "transformer", dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
     return root
 
 
@@ -169,3 +204,21 @@ def build_tiny_redux(root: Path, *, seed: int = 0):
 def tiny_redux(tmp_path_factory):
     """(root, reference FluxPriorReduxPipeline without text encoders)."""
     return build_tiny_redux(tmp_path_factory.mktemp("FLUX.1-Redux-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fill_snapshot(tiny_dev_snapshot, tmp_path_factory):
+    return build_family_snapshot(tiny_dev_snapshot, tmp_path_factory.mktemp("FLUX.1-tiny-Fill-dev"), in_channels=384,
+                                 pipeline="FluxFillPipeline", name="flux1-fill-dev", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_canny_snapshot(tiny_dev_snapshot, tmp_path_factory):
+    return build_family_snapshot(tiny_dev_snapshot, tmp_path_factory.mktemp("FLUX.1-tiny-Canny-dev"), in_channels=128,
+                                 pipeline="FluxControlPipeline", name="flux1-canny-dev", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_snapshot(tiny_dev_snapshot, tmp_path_factory):
+    return build_family_snapshot(tiny_dev_snapshot, tmp_path_factory.mktemp("FLUX.1-tiny-Kontext-dev"), in_channels=64,
+                                 pipeline="FluxKontextPipeline", name="flux1-kontext-dev", seed=3)
