@@ -167,3 +167,123 @@ def test_kontext_matches_diffusers(kontext, kontext_reference, prompts, width, h
                            num_inference_steps=3, guidance_scale=2.5, max_sequence_length=512))
     assert latent_error <= TOLERANCE, f"Kontext latents differ from diffusers' by {latent_error:.2e}"
     assert image_error <= TOLERANCE, f"Kontext images differ from diffusers' by {image_error:.2e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The control LoRA on the base dev model
+# --------------------------------------------------------------------------------------------------
+
+def bfl_control_lora(model, path, *, rank=4, seed=0):
+    """A LoRA in the layout of Black Forest Labs' flux1-canny-dev-lora.safetensors (manifests/README.md): for every
+    Linear of the transformer `name.lora_A.weight` (rank, in), `name.lora_B.weight` (out, rank) and
+    `name.lora_B.bias` (out,), img_in's A taking 128 inputs; and a full `...query_norm.scale` / `...key_norm.scale`
+    for every attention. Random, with updates large enough to change the output."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            in_features = 128 if name == "img_in" else module.in_features
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.bias"] = torch.randn(module.out_features, generator=generator) * 0.02
+    for name, parameter in model.named_parameters():
+        if name.endswith(("query_norm.scale", "key_norm.scale")):
+            tensors[name] = 1 + 0.2 * torch.randn(parameter.shape, generator=generator)
+    save_file(tensors, str(path))
+    return tensors
+
+
+def to_diffusers_layout(tensors, *, depth, single, hidden):
+    """The same LoRA under diffusers' names (what diffusers' _convert_bfl_flux_control_lora_to_diffusers makes of
+    the official file, which is written for 19 + 38 blocks of width 3072 only): fused projections split by rows,
+    A copied to each part; the final modulation's (shift, scale) halves swapped to diffusers' (scale, shift)."""
+    modules = {"img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+               "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+               "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+               "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+               "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+               "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+               "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+               "final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}
+    norms = {}
+    for i in range(depth):
+        d, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        modules |= {f"{d}.img_mod.lin": [f"{t}.norm1.linear"], f"{d}.txt_mod.lin": [f"{t}.norm1_context.linear"],
+                    f"{d}.img_attn.qkv": [f"{t}.attn.to_{x}" for x in "qkv"],
+                    f"{d}.txt_attn.qkv": [f"{t}.attn.add_{x}_proj" for x in "qkv"],
+                    f"{d}.img_attn.proj": [f"{t}.attn.to_out.0"], f"{d}.txt_attn.proj": [f"{t}.attn.to_add_out"],
+                    f"{d}.img_mlp.0": [f"{t}.ff.net.0.proj"], f"{d}.img_mlp.2": [f"{t}.ff.net.2"],
+                    f"{d}.txt_mlp.0": [f"{t}.ff_context.net.0.proj"], f"{d}.txt_mlp.2": [f"{t}.ff_context.net.2"]}
+        norms |= {f"{d}.img_attn.norm.query_norm.scale": f"{t}.attn.norm_q.weight",
+                  f"{d}.img_attn.norm.key_norm.scale": f"{t}.attn.norm_k.weight",
+                  f"{d}.txt_attn.norm.query_norm.scale": f"{t}.attn.norm_added_q.weight",
+                  f"{d}.txt_attn.norm.key_norm.scale": f"{t}.attn.norm_added_k.weight"}
+    for i in range(single):
+        s, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        modules |= {f"{s}.modulation.lin": [f"{t}.norm.linear"], f"{s}.linear2": [f"{t}.proj_out"],
+                    f"{s}.linear1": [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v", f"{t}.proj_mlp"]}
+        norms |= {f"{s}.norm.query_norm.scale": f"{t}.attn.norm_q.weight", f"{s}.norm.key_norm.scale": f"{t}.attn.norm_k.weight"}
+    converted = {}
+    for ours, theirs in modules.items():
+        A, B, bias = (tensors[f"{ours}.lora_{x}"] for x in ("A.weight", "B.weight", "B.bias"))
+        if ours == "final_layer.adaLN_modulation.1":
+            B, bias = torch.cat(B.chunk(2)[::-1]), torch.cat(bias.chunk(2)[::-1])
+        sizes = [hidden] * (len(theirs) - 1) + [B.shape[0] - hidden * (len(theirs) - 1)]
+        for name, B_part, bias_part in zip(theirs, B.split(sizes), bias.split(sizes)):
+            converted |= {f"transformer.{name}.lora_A.weight": A, f"transformer.{name}.lora_B.weight": B_part,
+                          f"transformer.{name}.lora_B.bias": bias_part}
+    converted |= {f"transformer.{theirs}": tensors[ours] for ours, theirs in norms.items()}
+    assert 3 * len(modules) + len(norms) == len(tensors), "the conversion must use every tensor of the file"
+    return {name: tensor.clone() for name, tensor in converted.items()}  # A copied, not shared
+
+
+@pytest.fixture(scope="module")
+def dev(tiny_dev_snapshot):
+    return Pipeline.from_pretrained(tiny_dev_snapshot, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def control_lora_files(dev, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("control-lora")
+    tensors = bfl_control_lora(dev.model, folder / "flux1-canny-dev-lora.safetensors")
+    p = dev.model.params
+    save_file(to_diffusers_layout(tensors, depth=p.depth, single=p.depth_single_blocks, hidden=p.hidden_size),
+              str(folder / "canny-lora-diffusers.safetensors"))
+    return folder / "flux1-canny-dev-lora.safetensors", folder / "canny-lora-diffusers.safetensors"
+
+
+def test_control_lora_matches_diffusers_and_unloads(dev, tiny_dev_snapshot, control_lora_files):
+    bfl_file, diffusers_file = control_lora_files
+    before = dev("a cat", width=32, height=48, num_steps=2, seed=3, output_type="latent", progress=False)
+    img_in = dev.model.img_in.weight
+    reference = diffusers.FluxControlPipeline.from_pretrained(tiny_dev_snapshot, torch_dtype=torch.float32)
+    reference.load_lora_weights(diffusers_file)
+    assert reference.transformer.x_embedder.in_features == 128  # diffusers widened it too
+    changed = dev.load_lora(bfl_file)
+    try:
+        assert dev.variant == "control" and dev.model.img_in.in_features == 128 and "img_in" in changed
+        common = dict(width=48, height=32, control_image=picture(40, 40, seed=5))
+        latent_error, image_error = compare(dev, reference, PROMPTS,
+                                            ours_kwargs=dict(**common, num_steps=3, guidance=30.0),
+                                            theirs_kwargs=dict(**common, num_inference_steps=3, guidance_scale=30.0,
+                                                               max_sequence_length=512))
+        assert latent_error <= TOLERANCE, f"control-LoRA latents differ from diffusers' by {latent_error:.2e}"
+        assert image_error <= TOLERANCE, f"control-LoRA images differ from diffusers' by {image_error:.2e}"
+        with_bfl = dev("a cat", num_steps=2, seed=4, output_type="latent", progress=False, **common)
+    finally:
+        dev.unload_lora()
+    assert dev.variant == "text-to-image" and dev.model.img_in.weight is img_in and dev.model.params.in_channels == 64
+    assert torch.equal(dev("a cat", width=32, height=48, num_steps=2, seed=3, output_type="latent", progress=False), before)
+
+    # The diffusers-layout file is the same LoRA: the same output, to the order of the fused sums.
+    dev.load_lora(diffusers_file)
+    try:
+        with_diffusers = dev("a cat", num_steps=2, seed=4, output_type="latent", progress=False, **common)
+    finally:
+        dev.unload_lora()
+    error = (with_bfl - with_diffusers).abs().max().item()
+    assert error <= 1e-5, f"the two layouts of one control LoRA differ by {error:.2e}"

@@ -121,9 +121,9 @@ def check_images(variant: str, *, image, mask_image, control_image, auto_resize,
              "kontext": ("image", "auto_resize")}[variant]
     for name, value in given.items():
         if value is not None and name not in takes:
-            what = "Kontext references" if name == "image" and variant == "control" else NEEDS.get(name, "")
-            raise ValueError(f"{name}= is for {what}; this is a {variant} model" +
-                             ("" if name != "image" else ", which takes control_image="))
+            if name == "image":  # only a control model takes no image=
+                raise ValueError("image= is not taken by a control model: give the edge or depth map as control_image=")
+            raise ValueError(f"{name}= is for {NEEDS[name]}; this is a {variant} model")
     if variant == "fill" and (image is None or mask_image is None):
         missing = "image" if image is None else "mask_image"
         raise ValueError(f"a Fill model needs {missing}=: image= the picture and mask_image= where to repaint "

@@ -10,6 +10,8 @@ official tensor names (`double_blocks.0.img_attn.qkv.weight`) stay where they we
 Our fused projections (q, k, v in `img_attn.qkv`; q, k, v and the MLP input in `single_blocks.N.linear1`)
 are separate layers in diffusers, so one Linear may carry several updates, each covering a slice of its
 output rows. Files in five key layouts load (see docs/lora.md); `save_lora` writes three of them.
+Black Forest Labs' control LoRAs also put a bias on B, widen img_in and replace the attention norms' scales
+(flux/weights/control_lora.py); after `unload_lora` the model is again as loaded.
 
 Axes: R rank, I a layer's input features, O the output rows an update covers.
 """
@@ -28,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from flux.weights import control_lora
 from flux.weights.checkpoint import CheckpointError, read_safetensors
 from flux.weights.layouts import diffusers_name_table
 from flux.modules.transformer import Flux
@@ -43,6 +46,7 @@ DEFAULT_TARGETS = (
 # XLabs' bare `.down.weight`).
 KEY_SUFFIXES = {
     ".lora_A.weight": "A", ".lora_B.weight": "B",  # PEFT / diffusers, Black Forest Labs
+    ".lora_B.bias": "bias",  # B's bias (PEFT's lora_bias): Black Forest Labs' control LoRAs
     ".lora_down.weight": "A", ".lora_up.weight": "B",  # kohya sd-scripts, OneTrainer, ComfyUI
     ".down.weight": "A", ".up.weight": "B",  # XLabs
     ".alpha": "alpha",
@@ -100,21 +104,25 @@ def load_lora(model: Flux, path, *, strength: float = 1.0) -> list[str]:
     raised before the model is touched. Loaded updates are frozen; several LoRAs may be loaded at once.
     """
     path = Path(path)
-    tensors = read_safetensors(path)
+    full, tensors = control_lora.split_full_tensors(model, read_safetensors(path), source=path)
     pairs = _pairs_from_file(model, tensors, _adapter_config(path), source=path)
+    # Every check has passed: now the model changes (a control LoRA's wider img_in and norm scales first).
+    wider = [pair.A.shape[1] for pair in pairs if pair.A.shape[1] > _linears(model)[pair.module].in_features]
+    control_lora.apply(model, full=full, img_in_features=max(wider, default=None))
     linears = _linears(model)
     for pair in pairs:
-        update = LoRA(pair.A, pair.B, start=pair.start, scale=pair.scale, strength=strength)
+        update = LoRA(pair.A, pair.B, start=pair.start, scale=pair.scale, strength=strength, bias=pair.bias)
         _attach(linears[pair.module], update.requires_grad_(False))
-    return sorted({pair.module for pair in pairs})
+    return sorted({pair.module for pair in pairs} | set(full))
 
 
 def unload_lora(model: nn.Module) -> None:
-    """Removes every LoRA (loaded or added) from `model`: its Linears are exactly as before."""
+    """Removes every LoRA (loaded or added) from `model`: its Linears, img_in and norms are exactly as before."""
     for linear in _linears(model).values():
         if isinstance(getattr(linear, "lora", None), LinearLoRA):
             linear.lora.hook.remove()
             del linear.lora
+    control_lora.restore(model)
 
 
 def save_lora(model: Flux, path, *, format: str = "diffusers") -> None:
@@ -130,6 +138,9 @@ def save_lora(model: Flux, path, *, format: str = "diffusers") -> None:
                if isinstance(getattr(linear, "lora", None), LinearLoRA)}
     if not updates:
         raise ValueError("the model carries no LoRA to save (add_lora or load_lora first)")
+    if control_lora.carries_full_tensors(model) or any(u.bias is not None for us in updates.values() for u in us):
+        raise ValueError("the model carries a control LoRA (biases on B, a widened img_in, replaced norm scales), "
+                         "which save_lora does not write; keep the file it was loaded from")
     with torch.no_grad():
         tensors = writers[format](model, updates, format)
     save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(path),
@@ -141,15 +152,18 @@ def save_lora(model: Flux, path, *, format: str = "diffusers") -> None:
 # --------------------------------------------------------------------------------------------------
 
 class LoRA(nn.Module):
-    """One low-rank update to the output rows [start, start + O) of a Linear: scale · strength · B A dropout(x).
+    """One low-rank update to the output rows [start, start + O) of a Linear: scale · strength · (B A dropout(x) + bias).
 
-    Held and computed in fp32 whatever the model's dtype, as PEFT does for trainable adapters.
+    Held and computed in fp32 whatever the model's dtype, as PEFT does for trainable adapters. The bias (on B,
+    PEFT's lora_bias) is scaled with the rest, as PEFT and Black Forest Labs' LinearLora scale it.
     """
 
-    def __init__(self, A: Tensor, B: Tensor, *, start: int, scale: float, strength: float = 1.0, dropout: float = 0.0):
+    def __init__(self, A: Tensor, B: Tensor, *, start: int, scale: float, strength: float = 1.0, dropout: float = 0.0,
+                 bias: Tensor | None = None):
         super().__init__()
         self.A = nn.Parameter(A.detach().to(torch.float32, copy=True))  # (R, I)
         self.B = nn.Parameter(B.detach().to(torch.float32, copy=True))  # (O, R)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32, copy=True))  # (O,)
         self.start, self.scale, self.strength = start, scale, strength
         self.dropout = nn.Dropout(dropout)
 
@@ -162,7 +176,7 @@ class LoRA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., I) -> (..., O) in fp32."""
-        return self.scale * self.strength * F.linear(F.linear(self.dropout(x.float()), self.A), self.B)
+        return self.scale * self.strength * F.linear(F.linear(self.dropout(x.float()), self.A), self.B, self.bias)
 
 
 class LinearLoRA(nn.Module):
@@ -212,6 +226,7 @@ class Pair:
     A: Tensor  # (R, I)
     B: Tensor  # (O, R)
     scale: float  # alpha / rank
+    bias: Tensor | None = None  # (O,), on B
 
 
 def _pairs_from_file(model: Flux, tensors: dict[str, Tensor], config: dict, *, source: Path) -> list[Pair]:
@@ -246,11 +261,16 @@ def _pairs_from_file(model: Flux, tensors: dict[str, Tensor], config: dict, *, s
         rows = target.stop - target.start
         where = f"{target.module} (nn.Linear {linear.in_features} -> {linear.out_features}" + (
             f", rows {target.start}:{target.stop})" if rows != linear.out_features else ")")
-        if A.ndim != 2 or A.shape[1] != linear.in_features:
+        if A.ndim == 2 and A.shape[1] > linear.in_features:  # a control LoRA's wider img_in
+            control_lora.check_widening(model, target.module, A.shape[1], key=a_key, source=source)
+        elif A.ndim != 2 or A.shape[1] != linear.in_features:
             raise CheckpointError(f"{source}: {a_key!r} has shape {tuple(A.shape)}, but {where} needs (rank, {linear.in_features})")
         if tuple(B.shape) != (rows, A.shape[0]):
             raise CheckpointError(f"{source}: {b_key!r} has shape {tuple(B.shape)}, but {where} with rank "
                                   f"{A.shape[0]} (from {a_key!r}) needs ({rows}, {A.shape[0]})")
+        bias = roles.get("bias", (None, None))[1]
+        if bias is not None and tuple(bias.shape) != (rows,):
+            raise CheckpointError(f"{source}: {roles['bias'][0]!r} has shape {tuple(bias.shape)}, but {where} needs ({rows},)")
         rank = A.shape[0]
         if rank == 0:
             raise CheckpointError(f"{source}: {a_key!r} has rank 0 (shape {tuple(A.shape)}): an empty LoRA layer; "
@@ -263,10 +283,11 @@ def _pairs_from_file(model: Flux, tensors: dict[str, Tensor], config: dict, *, s
             scale = alpha.float().item() / rank
         else:  # no alpha: the adapter config's, else alpha = rank (kohya's and diffusers' default)
             scale = _config_scale(config, stem, rank)
-        B = B.float()
+        B, bias = B.float(), None if bias is None else bias.float()
         if target.swap_halves:
             B = torch.cat(B.chunk(2)[::-1])
-        pairs.append(Pair(target.module, target.start, A.float(), B, scale))
+            bias = None if bias is None else torch.cat(bias.chunk(2)[::-1])
+        pairs.append(Pair(target.module, target.start, A.float(), B, scale, bias))
 
     part_rows = _part_rows(model)
     split = [piece for pair in pairs for piece in _split_block_diagonal(pair, part_rows.get(pair.module))]
@@ -322,7 +343,7 @@ def _split_block_diagonal(pair: Pair, part_rows: list[tuple[int, int]] | None) -
     """A pair over a whole fused projection whose B is block-diagonal (each part's rows read their own run of
     rank columns: how sd-scripts saves split q/k/v, and how save_lora writes several updates as one pair)
     as one pair per part; any other pair unchanged. Exact: the pieces' products are the rows of B·A."""
-    if not part_rows or len(part_rows) == 1 or pair.start != 0 or pair.B.shape[0] != part_rows[-1][1]:
+    if not part_rows or len(part_rows) == 1 or pair.start != 0 or pair.B.shape[0] != part_rows[-1][1] or pair.bias is not None:
         return [pair]
     pieces, next_column = [], 0
     for start, stop in part_rows:
@@ -338,14 +359,17 @@ def _split_block_diagonal(pair: Pair, part_rows: list[tuple[int, int]] | None) -
 
 
 def _coalesce(pairs: list[Pair]) -> list[Pair]:
-    """Neighbouring pairs on one module that share A and scale as one pair. diffusers writes a fused update
-    so (A copied to q, k and v); merging them back makes save -> load return what was saved."""
+    """Neighbouring pairs on one module that share A and scale (and both have a bias or neither) as one pair.
+    diffusers writes a fused update so (A copied to q, k and v); merging them back makes save -> load return
+    what was saved."""
     merged = []
     for pair in sorted(pairs, key=lambda p: (p.module, p.start)):
         last = merged[-1] if merged else None
         if (last is not None and last.module == pair.module and last.start + last.B.shape[0] == pair.start
-                and last.scale == pair.scale and last.A.shape == pair.A.shape and torch.equal(last.A, pair.A)):
-            merged[-1] = replace(last, B=torch.cat([last.B, pair.B]))
+                and last.scale == pair.scale and last.A.shape == pair.A.shape and torch.equal(last.A, pair.A)
+                and (last.bias is None) == (pair.bias is None)):
+            bias = None if pair.bias is None else torch.cat([last.bias, pair.bias])
+            merged[-1] = replace(last, B=torch.cat([last.B, pair.B]), bias=bias)
         else:
             merged.append(pair)
     return merged
