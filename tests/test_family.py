@@ -287,3 +287,196 @@ def test_control_lora_matches_diffusers_and_unloads(dev, tiny_dev_snapshot, cont
         dev.unload_lora()
     error = (with_bfl - with_diffusers).abs().max().item()
     assert error <= 1e-5, f"the two layouts of one control LoRA differ by {error:.2e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: the variant read off either layout; a contradicting variant= refused
+# --------------------------------------------------------------------------------------------------
+
+def one_layout(snapshot, folder, layout):
+    """A copy of `snapshot` with its transformer and autoencoder in one layout only: "bfl" (flux1-*.safetensors
+    and ae.safetensors) or "diffusers" (transformer/ and vae/)."""
+    import shutil
+
+    ignore = ("transformer", "vae") if layout == "bfl" else ("*.safetensors",)
+    shutil.copytree(snapshot, folder, ignore=shutil.ignore_patterns(*ignore))
+    if layout == "diffusers":
+        for sub in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+            shutil.copytree(snapshot / sub, folder / sub, dirs_exist_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_the_variant_is_read_off_either_layout(tiny_fill_snapshot, tiny_canny_snapshot, tiny_kontext_snapshot,
+                                               tiny_dev_snapshot, layout, tmp_path):
+    expected = {"fill": (tiny_fill_snapshot, 30.0), "control": (tiny_canny_snapshot, 30.0),
+                "kontext": (tiny_kontext_snapshot, 2.5), "text-to-image": (tiny_dev_snapshot, 3.5)}
+    for variant, (snapshot, guidance) in expected.items():
+        pipe = Pipeline.from_pretrained(one_layout(snapshot, tmp_path / variant, layout), device="cpu", dtype=torch.float32)
+        assert (pipe.variant, pipe.defaults.guidance) == (variant, guidance), (layout, variant)
+
+
+def test_kontext_is_known_by_its_file_name_and_depth_by_its_defaults(tiny_kontext_snapshot, tiny_canny_snapshot, tmp_path):
+    import json
+    import shutil
+
+    # Without model_index.json's FluxKontextPipeline, the single file's name says Kontext.
+    folder = one_layout(tiny_kontext_snapshot, tmp_path / "kontext", "bfl")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    assert Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32).variant == "kontext"
+    # A Kontext file under another name is declared one; dev-shaped files may be.
+    (folder / "flux1-kontext-dev.safetensors").rename(folder / "flux1-dev.safetensors")
+    assert Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32).variant == "text-to-image"
+    pipe = Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, variant="kontext")
+    assert pipe.variant == "kontext" and pipe.defaults.guidance == 2.5 and pipe.defaults.num_steps == 28
+    # Depth shares Canny's shapes: its name gives it depth's guidance.
+    depth = one_layout(tiny_canny_snapshot, tmp_path / "depth", "bfl")
+    shutil.move(depth / "flux1-canny-dev.safetensors", depth / "flux1-depth-dev.safetensors")
+    assert Pipeline.from_pretrained(depth, device="cpu", dtype=torch.float32).defaults.guidance == 10.0
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("kontext", r"variant='kontext', but .* is a fill checkpoint \(img_in takes 384 input channels\)"),
+    ("text-to-image", r"variant='text-to-image', but .* is a fill checkpoint"),
+    ("inpaint", r"variant must be one of \('text-to-image', 'fill', 'control', 'kontext'\) or None"),
+])
+def test_a_variant_that_contradicts_the_checkpoint_is_refused(tiny_fill_snapshot, variant, message):
+    with pytest.raises(ValueError, match=message):
+        Pipeline.from_pretrained(tiny_fill_snapshot, device="cpu", dtype=torch.float32, variant=variant)
+
+
+def test_control_on_a_text_to_image_checkpoint_points_to_the_lora(tiny_dev_snapshot):
+    with pytest.raises(ValueError, match=r"variant='control', but .* is a text-to-image checkpoint \(img_in takes 64 "
+                                         r"input channels\); the base dev model with a control LoRA"):
+        Pipeline.from_pretrained(tiny_dev_snapshot, device="cpu", dtype=torch.float32, variant="control")
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests refused before any work
+# --------------------------------------------------------------------------------------------------
+
+SQUARE = picture(32, 32, seed=9)
+
+
+@pytest.mark.parametrize("pipe, kwargs, message", [
+    ("dev", dict(mask_image=SQUARE), r"mask_image= is for a Fill model \(FLUX.1-Fill-dev\); this is a text-to-image model"),
+    ("dev", dict(control_image=SQUARE), r"control_image= is for a Canny or Depth model .* or the base dev model with a "
+                                        r"control LoRA"),
+    ("dev", dict(auto_resize=False), r"auto_resize= is for a Kontext model"),
+    ("fill", dict(image=SQUARE), r"a Fill model needs mask_image=: image= the picture and mask_image= where to repaint"),
+    ("fill", dict(mask_image=SQUARE), r"a Fill model needs image="),
+    ("fill", dict(image=SQUARE, mask_image=SQUARE, control_image=SQUARE), r"control_image= is for a Canny or Depth"),
+    ("fill", dict(prompt=PROMPTS, image=SQUARE, mask_image=[SQUARE] * 3),
+     r"got 3 images for 2 prompt\(s\) × 1 \(mask_image=\); give one image, or one per output"),
+    ("canny", dict(), r"a control model needs control_image="),
+    ("canny", dict(image=SQUARE), r"image= is not taken by a control model: give the edge or depth map as control_image="),
+    ("canny", dict(control_image=[SQUARE] * 2), r"got 2 images for 1 prompt\(s\) × 1 \(control_image=\)"),
+    ("canny", dict(control_image=SQUARE, strength=0.5), r"strength= is for image-to-image \(text-to-image models and Fill\)"),
+    ("kontext", dict(image=SQUARE, mask_image=SQUARE), r"mask_image= is for a Fill model"),
+    ("kontext", dict(image=SQUARE, auto_resize="yes"), r"auto_resize must be True or False, got 'yes'"),
+    ("kontext", dict(image=Image.new("RGB", (8, 40))), r"image= has an image of 8×40 pixels; images need at least 16 a side"),
+    ("kontext", dict(image=torch.full((3, 32, 32), 2.0)), r"image has values in \[2, 2\]; pixels must lie in \[0, 1\]"),
+    ("kontext", dict(image=torch.zeros(5, 32, 32)), r"image: an image tensor must be \(H, W\), \(C, H, W\) or \(B, C, H, W\)"),
+    ("kontext", dict(image="photo.png"), r"image must be a PIL image, a numpy array or a torch tensor, got str"),
+])
+def test_bad_image_arguments_are_refused_by_name(request, pipe, kwargs, message):
+    pipe = request.getfixturevalue(pipe)
+    prompt = kwargs.pop("prompt", "a cat")
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt, width=32, height=32, num_steps=1, progress=False, **kwargs)
+
+
+def test_bad_control_lora_files_are_refused_before_the_model_changes(dev, tmp_path):
+    from safetensors.torch import save_file
+
+    from flux import CheckpointError
+
+    rank = 2
+    wide_txt = {"txt_in.lora_A.weight": torch.zeros(rank, 99), "txt_in.lora_B.weight": torch.zeros(384, rank)}
+    bad_norm = {"img_in.lora_A.weight": torch.zeros(rank, 128), "img_in.lora_B.weight": torch.zeros(384, rank),
+                "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(64)}
+    bad_bias = {"img_in.lora_A.weight": torch.zeros(rank, 128), "img_in.lora_B.weight": torch.zeros(384, rank),
+                "img_in.lora_B.bias": torch.zeros(7)}
+    for tensors, message in [(wide_txt, r"'txt_in.lora_A.weight' takes 99 input features, but txt_in has 48; only "
+                                         r"img_in may be widened"),
+                             (bad_norm, r"'double_blocks.0.img_attn.norm.query_norm.scale' has shape \(64,\), but it "
+                                        r"replaces double_blocks.0.img_attn.norm.query_norm.scale, of shape \(128,\)"),
+                             (bad_bias, r"'img_in.lora_B.bias' has shape \(7,\), but img_in .* needs \(384,\)")]:
+        save_file(tensors, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(CheckpointError, match=message):
+            dev.load_lora(tmp_path / "bad.safetensors")
+        assert dev.variant == "text-to-image" and dev.model.img_in.in_features == 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-reference Kontext, flux.generate and the CLI
+# --------------------------------------------------------------------------------------------------
+
+def test_several_kontext_references_get_their_own_position_offsets(kontext, monkeypatch):
+    """Each reference's tokens follow the image tokens with first position axis k = 1, 2, ...; output size
+    defaults to the first reference's (after auto_resize, off here to stay small)."""
+    import flux.pipelines.pipeline as pipeline_module
+
+    seen = {}
+    real_denoise = pipeline_module.denoise
+
+    def spy(*args, condition=None, **kwargs):
+        seen["condition"] = condition
+        return real_denoise(*args, condition=condition, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "denoise", spy)
+    first, second = picture(48, 32, seed=10), picture(37, 70, seed=11)  # the second rounds down to 32×64
+    out = kontext("a cat", image=[first, second], auto_resize=False, num_steps=1, output_type="np", progress=False)
+    assert out.shape == (1, 32, 48, 3)
+    ids = seen["condition"].token_ids[0]
+    assert seen["condition"].tokens.shape == (1, 2 * 3 + 4 * 2, 64)
+    assert ids[:6, 0].tolist() == [1] * 6 and ids[6:, 0].tolist() == [2] * 8
+    assert ids[:6, 1:].tolist() == [[r, c] for r in range(2) for c in range(3)]
+    assert ids[6:, 1:].tolist() == [[r, c] for r in range(4) for c in range(2)]
+
+
+def test_kontext_auto_resize_picks_the_trained_resolution_of_nearest_aspect(kontext):
+    from flux.pipelines.variants import reference_size
+
+    assert reference_size(picture(300, 200, seed=0), auto_resize=True) == (1248, 832)  # 3:2
+    assert reference_size(picture(100, 300, seed=0), auto_resize=True) == (672, 1568)  # the tallest there is
+    assert reference_size(picture(300, 200, seed=0), auto_resize=False) == (288, 192)
+
+
+def test_generate_and_the_cli_reach_the_family(tiny_fill_snapshot, tiny_kontext_snapshot, tmp_path):
+    import flux
+    from flux.cli.main import main
+
+    image, mask_image = picture(48, 32, seed=12), mask(48, 32, (10, 5, 30, 25))
+    ours = Pipeline.from_pretrained(tiny_fill_snapshot, device="cpu", dtype=torch.float32)
+    expected = ours("a cat", image=image, mask_image=mask_image, num_steps=2, seed=5, output_type="np", progress=False)
+    got = flux.generate("a cat", model=tiny_fill_snapshot, device="cpu", dtype=torch.float32, image=image,
+                        mask_image=mask_image, num_steps=2, seed=5, output_type="np", progress=False)
+    np.testing.assert_array_equal(got, expected)
+
+    image.save(tmp_path / "in.png")
+    mask_image.save(tmp_path / "mask.png")
+    assert main(["generate", "a cat", "--model", str(tiny_fill_snapshot), "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--steps", "2", "--seed", "5", "--dtype", "fp32", "--quiet",
+                 "-o", str(tmp_path / "fill.png")]) == 0
+    written = np.asarray(Image.open(tmp_path / "fill.png"), dtype=np.float64) / 255
+    assert np.abs(written - expected[0]).max() <= 1 / 255  # 8-bit rounding
+
+    picture(40, 24, seed=13).save(tmp_path / "ref2.png")
+    assert main(["generate", "a cat", "--model", str(tiny_kontext_snapshot), "--image", str(tmp_path / "in.png"),
+                 "--image", str(tmp_path / "ref2.png"), "--no-auto-resize", "--steps", "1", "--dtype", "fp32",
+                 "--quiet", "-o", str(tmp_path / "kontext.png")]) == 0
+    assert Image.open(tmp_path / "kontext.png").size == (48, 32)
+
+
+def test_cli_refuses_what_the_model_does_not_take(tiny_dev_snapshot, tmp_path, capsys):
+    from flux.cli.main import main
+
+    SQUARE.save(tmp_path / "in.png")
+    assert main(["generate", "a cat", "--model", str(tiny_dev_snapshot), "--mask", str(tmp_path / "in.png"),
+                 "--quiet", "-o", str(tmp_path / "x.png")]) == 2
+    assert "mask_image= is for a Fill model" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(tiny_dev_snapshot), "--control-image", str(tmp_path / "no.png"),
+                 "--quiet", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--control-image" in capsys.readouterr().err

@@ -30,8 +30,15 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--guidance", type=float, default=None, help="distilled guidance (dev-style models only)")
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--image", type=Path, help="start from this image (image-to-image)")
-    gen.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    gen.add_argument("--image", type=Path, action="append", help="image-to-image's start; Fill's picture; a Kontext "
+                     "reference (repeat --image for several)")
+    gen.add_argument("--mask", type=Path, help="Fill: where to repaint (white) and keep (black)")
+    gen.add_argument("--control-image", type=Path, help="Canny/Depth (or a control LoRA): the edge or depth map")
+    gen.add_argument("--lora", type=Path, help="a LoRA file to load first (a control LoRA makes dev a control model)")
+    gen.add_argument("--no-auto-resize", action="store_true", help="Kontext: keep the references' own sizes "
+                     "instead of the nearest trained resolution")
+    gen.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1] (default 0.8; "
+                     "Fill 1)")
     gen.add_argument("--redux", help="FLUX.1-Redux-dev folder or repo id: condition on --redux-image (image variation)")
     gen.add_argument("--redux-image", type=Path, action="append", default=[],
                      help="image whose FLUX.1 Redux tokens join the prompt's (repeatable: all of them, in order)")
@@ -74,13 +81,19 @@ def main(argv=None) -> int:
     from flux.pipelines.snapshots import builtin_model
 
     try:
-        image = None if args.image is None else read_image("--image", args.image)
+        pictures = [read_image("--image", path) for path in args.image or []]
+        # One --image is one picture; several are Kontext's references (the model says which it takes).
+        image = None if not pictures else pictures[0] if len(pictures) == 1 else pictures
+        mask = None if args.mask is None else read_image("--mask", args.mask)
+        control = None if args.control_image is None else read_image("--control-image", args.control_image)
+        if args.lora is not None and not args.lora.is_file():
+            raise ValueError(f"--lora {args.lora}: file not found")
         redux_images = [read_image("--redux-image", path) for path in args.redux_image]
         if bool(redux_images) != (args.redux is not None):
             raise ValueError("--redux FOLDER and --redux-image PATH go together (the Redux model and the image(s))")
         # Before loading the model: a bad size should not cost a 30 GB read.
         check_request([args.prompt], width=args.width, height=args.height, num_steps=args.steps,
-                      num_images_per_prompt=args.num_images, strength=args.strength, image=image)
+                      num_images_per_prompt=args.num_images, strength=args.strength)
         # One seed per image, seed + i: each image reproducible alone, and equal to the server's (flux serve).
         seeds = image_seeds(args.seed, args.num_images)
         model = args.model if args.model is not None else builtin_model()
@@ -90,9 +103,12 @@ def main(argv=None) -> int:
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8,
                                         quantize=args.quantize)
+        if args.lora is not None:
+            pipe.load_lora(args.lora)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                       guidance=args.guidance, seed=seeds, num_images_per_prompt=args.num_images, image=image,
-                      strength=args.strength, progress=not args.quiet, redux_image=redux_images or None, redux=redux)
+                      strength=args.strength, progress=not args.quiet, redux_image=redux_images or None, redux=redux,
+                      mask_image=mask, control_image=control, auto_resize=False if args.no_auto_resize else None)
     except (ValueError, CheckpointError) as error:
         print(f"flux: error: {error}", file=sys.stderr)
         return 2
