@@ -137,6 +137,28 @@ def build_family_snapshot(dev_root: Path, root: Path, *, in_channels: int, pipel
     return root
 
 
+def bfl_control_lora(model, path, *, rank=4, seed=0):
+    """A LoRA in the layout of Black Forest Labs' flux1-canny-dev-lora.safetensors (manifests/README.md): for every
+    Linear of the transformer `name.lora_A.weight` (rank, in), `name.lora_B.weight` (out, rank) and
+    `name.lora_B.bias` (out,), img_in's A taking 128 inputs; and a full `...query_norm.scale` / `...key_norm.scale`
+    for every attention. Random, with updates large enough to change the output."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            in_features = 128 if name == "img_in" else module.in_features
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.bias"] = torch.randn(module.out_features, generator=generator) * 0.02
+    for name, parameter in model.named_parameters():
+        if name.endswith(("query_norm.scale", "key_norm.scale")):
+            tensors[name] = 1 + 0.2 * torch.randn(parameter.shape, generator=generator)
+    save_file(tensors, str(path))
+    return tensors
+
+
 def add_official_single_files(root: Path, *, dev: bool) -> None:
     """Black Forest Labs' layout next to diffusers': our loaders' names are the official ones (test_model.py
     and test_autoencoder.py prove it against the manifests)."""

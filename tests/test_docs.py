@@ -121,6 +121,27 @@ def stand_in(tiny_snapshot, tiny_redux, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def family_stand_in(stand_in, tiny_dev_snapshot, tiny_fill_snapshot, tiny_canny_snapshot, tiny_kontext_snapshot):
+    """docs/family.md's repositories beside FLUX.1-schnell in weights/, with the stand-in's small defaults, and
+    a control LoRA in Black Forest Labs' layout."""
+    from snapshots import bfl_control_lora
+
+    from flux import load_flow_model
+
+    weights = stand_in / "work" / "weights"
+    for name, source in {"FLUX.1-dev": tiny_dev_snapshot, "FLUX.1-Fill-dev": tiny_fill_snapshot,
+                         "FLUX.1-Canny-dev": tiny_canny_snapshot, "FLUX.1-Kontext-dev": tiny_kontext_snapshot}.items():
+        folder = stand_in / name
+        folder.mkdir()
+        for entry in source.iterdir():
+            (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        (folder / "flux_defaults.json").write_text(json.dumps(STAND_IN_DEFAULTS))
+        (weights / name).symlink_to(folder, target_is_directory=True)
+    bfl_control_lora(load_flow_model(tiny_dev_snapshot, dtype=torch.float32), weights / "flux1-canny-dev-lora.safetensors")
+    return stand_in
+
+
 @pytest.fixture
 def in_stand_in(stand_in, monkeypatch):
     import flux.pipelines.pipeline
@@ -140,7 +161,9 @@ def shrink_readme(blocks: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if fenced_blocks(p, "python")], ids=name_of)
-def test_python_examples_run(page, in_stand_in):
+def test_python_examples_run(page, in_stand_in, request):
+    if page.name == "family.md":
+        request.getfixturevalue("family_stand_in")
     blocks = fenced_blocks(page, "python")
     if page == ROOT / "README.md":
         blocks = shrink_readme(blocks)
@@ -151,9 +174,11 @@ def test_python_examples_run(page, in_stand_in):
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if command_lines(p)], ids=name_of)
-def test_flux_command_lines_run(page, in_stand_in, capsys):
+def test_flux_command_lines_run(page, in_stand_in, capsys, request):
     from flux.cli.main import main, parser
 
+    if page.name == "family.md":
+        request.getfixturevalue("family_stand_in")
     for command in command_lines(page):
         argv = shlex.split(command, comments=True)[1:]
         code = main(argv)
