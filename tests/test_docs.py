@@ -123,8 +123,8 @@ def stand_in(tiny_snapshot, tiny_redux, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def family_stand_in(stand_in, tiny_dev_snapshot, tiny_fill_snapshot, tiny_canny_snapshot, tiny_kontext_snapshot):
-    """docs/family.md's repositories beside FLUX.1-schnell in weights/, with the stand-in's small defaults, and
-    a control LoRA in Black Forest Labs' layout."""
+    """docs/family.md's repositories beside FLUX.1-schnell in weights/, with the stand-in's small defaults (and 2
+    steps), and a control LoRA in Black Forest Labs' layout."""
     from snapshots import bfl_control_lora
 
     from flux import load_flow_model
@@ -136,7 +136,8 @@ def family_stand_in(stand_in, tiny_dev_snapshot, tiny_fill_snapshot, tiny_canny_
         folder.mkdir()
         for entry in source.iterdir():
             (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-        (folder / "flux_defaults.json").write_text(json.dumps(STAND_IN_DEFAULTS))
+        # Their 50 and 28 steps, the family's defaults, would make the page's examples take minutes: 2 here.
+        (folder / "flux_defaults.json").write_text(json.dumps({**STAND_IN_DEFAULTS, "num_steps": 2}))
         (weights / name).symlink_to(folder, target_is_directory=True)
     bfl_control_lora(load_flow_model(tiny_dev_snapshot, dtype=torch.float32), weights / "flux1-canny-dev-lora.safetensors")
     return stand_in
