@@ -1,6 +1,7 @@
 """The `flux` command: `flux generate "a prompt" -o out.png`. It parses arguments and calls `flux.Pipeline`.
 `flux train ...` is `python -m flux.training ...` (see `flux train --help`); `flux serve ...` is the server of
-flux/serve/command.py (see `flux serve --help`).
+flux/serve/command.py (see `flux serve --help`); `flux quantize IN OUT.gguf --type Q4_0` writes a GGUF file
+(flux/cli/quantize.py).
 
 Exit codes: 0 done, 2 bad arguments (or a bad model path), 1 anything else. User errors print one line,
 never a traceback.
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from flux.cli import quantize
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -53,7 +56,10 @@ def parser() -> argparse.ArgumentParser:
                      "about 12 GB for FLUX.1) and compute in --dtype (on a CPU without bf16 instructions: --dtype fp32)")
     gen.add_argument("--quantize", choices=["int8"], default=None,
                      help="int8: the transformer's block products in int8 (W8A8), half its memory; faster on CPUs with VNNI")
+    gen.add_argument("--transformer", type=Path, help="a transformer file to use instead of --model's (a .gguf, an fp8 "
+                     "or any single file flux reads); the text encoders and autoencoder still come from --model")
     gen.add_argument("--quiet", action="store_true", help="no progress bar, no messages")
+    quantize.add_parser(commands)
     # Listed for `flux --help`; `main` hands everything after `train` to flux.training.command, which has its own flags.
     commands.add_parser("train", help="fine-tune on a folder of images with captions (flux train --help)", add_help=False)
     commands.add_parser("serve", help="serve a model over the OpenAI Images API (flux serve --help)", add_help=False)
@@ -81,6 +87,9 @@ def main(argv=None) -> int:
     from flux.pipelines.snapshots import builtin_model
 
     try:
+        if args.command == "quantize":
+            quantize.run(args)
+            return 0
         pictures = [read_image("--image", path) for path in args.image or []]
         # One --image is one picture; several are Kontext's references (the model says which it takes).
         image = None if not pictures else pictures[0] if len(pictures) == 1 else pictures
@@ -102,7 +111,7 @@ def main(argv=None) -> int:
         # One call per process: the text encoders are never needed again once the prompt is encoded.
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
                                         release_text_encoders=True, fp8=args.fp8,
-                                        quantize=args.quantize)
+                                        quantize=args.quantize, transformer=args.transformer)
         if args.lora is not None:
             pipe.load_lora(args.lora)
         images = pipe(args.prompt, width=args.width, height=args.height, num_steps=args.steps,

@@ -9,6 +9,7 @@ produces what diffusers' `FluxPipeline` produces (tests/test_pipeline.py).
 import contextlib
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from flux.runtime.offload import offload_blocks
 from flux.weights import lora
 from flux.weights.fp8 import load_fp8_flow_model
 from flux.weights.int8 import quantize_int8
-from flux.weights.loading import load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.weights.loading import is_gguf, load_autoencoder, load_clip, load_flow_model, load_t5
 
 log = logging.getLogger("flux")
 
@@ -59,7 +60,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, offload=False,
-                        release_text_encoders=False, fp8=False, quantize=None, variant=None) -> "Pipeline":
+                        release_text_encoders=False, fp8=False, quantize=None, variant=None, transformer=None) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         `dtype` None computes in what is fast on `device` (flux/pipelines/devices.py): bf16 on GPUs and on CPUs
@@ -79,6 +80,8 @@ class Pipeline:
         about half the transformer's memory, and faster products on hardware with int8 dot products.
         `variant` (flux/pipelines/variants.py) None reads it off the checkpoint: "fill", "control", "kontext" or
         "text-to-image"; one that contradicts the checkpoint is a ValueError. The family's defaults follow it.
+        `transformer`: one transformer file to use instead of the folder's, e.g. a `.gguf` (kept quantized,
+        flux/weights/gguf.py) or a community fp8 file; everything else comes from `path`.
         """
         _check_offload(offload)
         if quantize not in (None, "int8") or (quantize and fp8):
@@ -87,8 +90,10 @@ class Pipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = default_dtype(device) if dtype is None else dtype
         load_device = "cpu" if offload else device
+        if (fp8 or quantize) and transformer is not None and is_gguf(Path(transformer)):
+            raise ValueError(f"transformer={transformer}: a GGUF file keeps its own quantization; drop fp8/quantize")
         load_transformer = load_fp8_flow_model if fp8 else load_flow_model
-        model = load_transformer(root, device=load_device, dtype=dtype)
+        model = load_transformer(root if transformer is None else Path(transformer), device=load_device, dtype=dtype)
         if quantize == "int8":
             quantize_int8(model)
         variant = variants.check_variant(variant, model, kontext=variants.is_kontext_checkpoint(root), source=root)

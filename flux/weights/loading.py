@@ -18,7 +18,7 @@ from flux.modules.autoencoder import AutoEncoder
 from flux.modules.clip import CLIP, CLIPTextConfig, CLIPTextModel
 from flux.modules.t5 import T5, T5Config, T5Encoder
 from flux.modules.transformer import Flux
-from flux.weights import fp8
+from flux.weights import fp8, gguf
 from flux.weights.checkpoint import CheckpointError, load_into, read_weights
 from flux.weights.layouts import (
     WEIGHTS_HELP,
@@ -45,7 +45,13 @@ def load_flow_model(path, *, device="cpu", dtype=torch.bfloat16) -> Flux:
     fp8 files are converted to `dtype`, ComfyUI's scaled fp8 ones as weight · scale_weight. To keep them in
     fp8 instead, `dtype=torch.float8_e4m3fn` stores the blocks' Linear weights in fp8 and the rest in bf16;
     `flux.weights.fp8.load_fp8_flow_model` does the same with the rest, and the arithmetic, in a dtype of your choice.
+    A `.gguf` file (flux/weights/gguf.py) keeps its blocks' quantized weights quantized and computes in `dtype`.
     """
+    if is_gguf(Path(path)):
+        if dtype == fp8.FP8:
+            raise ValueError(f"{path}: a GGUF file keeps its own quantization; pass the compute dtype "
+                             "(torch.bfloat16, float16 or float32), not float8_e4m3fn")
+        return gguf.load_gguf_flow_model(path, device=device, dtype=dtype)
     if dtype == fp8.FP8:
         return fp8.load_fp8_flow_model(path, device=device, dtype=torch.bfloat16)
     state_dict, source = read_flow_checkpoint(Path(path))
@@ -54,6 +60,19 @@ def load_flow_model(path, *, device="cpu", dtype=torch.bfloat16) -> Flux:
     with torch.device("meta"):
         model = Flux(params)
     return load_into(model, state_dict, source=source, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def is_gguf(path: Path) -> bool:
+    """A `.gguf` file, or any file starting with GGUF's magic: told by its contents, as a renamed file may be."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():  # a folder, or nothing there
+        return False
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == gguf.MAGIC
+    except OSError:  # unreadable: the safetensors reader reports it
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
