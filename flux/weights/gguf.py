@@ -206,15 +206,20 @@ def read_gguf(path) -> tuple[dict, dict[str, GgufTensor]]:
     if metadata_count * 12 + tensor_count * 24 > header.remaining:
         raise CheckpointError(f"{path}: declares {tensor_count} tensors and {metadata_count} metadata entries, more "
                               f"than its {len(buffer)} bytes can hold; the file is truncated or corrupt")
-    metadata = {}
+    metadata, types = {}, {}
     for _ in range(metadata_count):
         key = header.string("a metadata key")
         if key in metadata:
             raise CheckpointError(f"{path}: metadata key {key!r:.80} appears twice; the file is corrupt")
-        metadata[key] = header.value(header.scalar("I"), key, depth=0)
+        types[key] = header.scalar("I")
+        metadata[key] = header.value(types[key], key, depth=0)
+    # The two keys a reader acts on, with the types the format gives them (as ggml's own reader requires).
+    for key, type_id, what in [("general.alignment", 4, "a uint32"), ("general.architecture", STRING, "a string")]:
+        if key in types and types[key] != type_id:
+            raise CheckpointError(f"{path}: {key} has value type {types[key]}; the format makes it {what}")
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-        raise CheckpointError(f"{path}: general.alignment is {alignment!r:.40}; it must be a power of two")
+    if alignment == 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: general.alignment is {alignment}; it must be a power of two")
     infos = {}
     for _ in range(tensor_count):
         name = header.string("a tensor name")
@@ -248,7 +253,9 @@ def _tensor_info(header: "_Header", name: str, alignment: int) -> tuple[BlockTyp
         known = OTHER_TYPES.get(type_id, f"unknown type id {type_id}")
         raise CheckpointError(f"{where}: its type is {known}, which flux does not read (supported: {', '.join(TYPES)}); "
                               "use a file of another quantization")
-    if math.prod(dims) >= 2**48:  # ~280 TB: no file holds that; keeps the arithmetic below in range
+    # ~280 T values: no file holds that. Counted with empty dims as 1: an empty tensor stores no bytes, so nothing
+    # else bounds its other dims, and torch needs them to fit int64.
+    if math.prod(max(n, 1) for n in dims) >= 2**48:
         raise CheckpointError(f"{where}: dims {dims} are too large for any tensor; the file is corrupt")
     if dims[0] % kind.block:
         raise CheckpointError(f"{where}: rows of {dims[0]} weights cannot be cut into {kind.name}'s blocks of "

@@ -347,3 +347,79 @@ def mutated_safetensors(draw, blob: bytes) -> Mutant:
     result = struct.pack("<Q", length) + text + data
     result = edit_bytes(draw, result, log, focus=8 + len(text), actions=("none", "none", "none", "truncate", "overwrite", "insert"))
     return _mutant(result, log)
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------------------
+
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+GGUF_TYPE_IDS = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 24, 28, 30, 31, 39, 40, 2**31, 2**32 - 1]
+
+
+def gguf_fields(blob: bytes) -> list[tuple[int, int, str]]:
+    """(offset, size, label) of every number in a valid GGUF file's header: the version and counts, each string's
+    length, each metadata value type, array item type and count and scalar value, each tensor's n_dims, dims,
+    type and offset. Read by the suite itself, so that edits land on fields rather than anywhere."""
+    fields, position = [], 4
+
+    def number(size: int, label: str) -> int:
+        nonlocal position
+        fields.append((position, size, label))
+        value = int.from_bytes(blob[position:position + size], "little")
+        position += size
+        return value
+
+    def string(label: str) -> None:
+        nonlocal position
+        length = number(8, f"{label} length")  # first: `position += number(...)` would add to the old position
+        position += length
+
+    def value(type_id: int, label: str) -> None:
+        nonlocal position
+        if type_id in GGUF_SCALAR_SIZES:
+            number(GGUF_SCALAR_SIZES[type_id], label)
+        elif type_id == 8:
+            string(label)
+        else:  # 9, an array
+            item_type, count = number(4, f"{label} item type"), number(8, f"{label} count")
+            for index in range(count):
+                value(item_type, f"{label}[{index}]")
+
+    number(4, "version")
+    tensors, entries = number(8, "tensor count"), number(8, "metadata count")
+    for index in range(entries):
+        string(f"key {index}")
+        value(number(4, f"key {index} type"), f"key {index} value")
+    for index in range(tensors):
+        string(f"tensor {index} name")
+        dims = number(4, f"tensor {index} n_dims")
+        for dim in range(dims):
+            number(8, f"tensor {index} dim {dim}")
+        number(4, f"tensor {index} type")
+        number(8, f"tensor {index} offset")
+    return fields
+
+
+@st.composite
+def mutated_gguf(draw, blob: bytes) -> Mutant:
+    """A GGUF file with edits to its header's numbers (set to odd values, nudged, a type id changed), then
+    perhaps raw edits (truncated, overwritten, bytes inserted)."""
+    fields, log = gguf_fields(blob), []
+    data = bytearray(blob)
+    header_end = max(offset + size for offset, size, _ in fields)
+    for _ in range(draw(st.integers(0, 4))):
+        offset, size, label = draw(st.sampled_from(fields))
+        old = int.from_bytes(data[offset:offset + size], "little")
+        change = draw(st.sampled_from(["odd", "nudge", "type"] if label.endswith("type") else ["odd", "nudge", "nudge"]))
+        if change == "odd":
+            new = draw(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(0, 2**64 - 1)))
+        elif change == "nudge":
+            new = old + draw(st.sampled_from([-32, -2, -1, 1, 2, 31, 32, 256, 2**32]))
+        else:
+            new = draw(st.sampled_from(GGUF_TYPE_IDS))
+        new %= 1 << (8 * size)
+        data[offset:offset + size] = new.to_bytes(size, "little")
+        log.append(f"{label} = {new} (was {old})")
+    result = edit_bytes(draw, bytes(data), log, focus=header_end, actions=("none", "none", "truncate", "overwrite", "insert"))
+    return _mutant(result, log)
