@@ -345,13 +345,19 @@ def main():
     if "formats" in args.parts:
         files = build_formats(args.root / "formats")
         results["formats"] = []
+        args.out.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             for fmt in args.formats:
                 log(f"{fmt} at {size}²")
-                results["formats"].append({"format": fmt, "size": size, **run_child(
-                    ["format", str(files[fmt]), fmt, str(size)], limit_gib=args.limit_gib)})
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
+                record = {"format": fmt, "size": size, **run_child(["format", str(files[fmt]), fmt, str(size)],
+                                                                    limit_gib=args.limit_gib)}
+                log(f"{fmt} at {size}²: {record.get('status')}, forward {record.get('forward_median_s', 0):.2f} s, "
+                    f"peak {record.get('ru_maxrss_gib', 0):.2f} GiB")
+                results["formats"].append(record)
+                # After each child, re-read so that another part's results written meanwhile are kept.
+                saved = json.loads(path.read_text()) if path.is_file() else {}
+                path.write_text(json.dumps({**saved, **{k: results[k] for k in ("machine", "cpu", "formats")}}, indent=1))
+        results = json.loads(path.read_text())
         (args.out / "gguf.md").write_text(markdown(results))
     if "full" in args.parts:
         full_root = args.root / "full"
@@ -360,6 +366,8 @@ def main():
         log(f"full size: starting with {available:.1f} GiB available")
         results["full"] = {"memory_available_at_start_gib": available, "load_average_at_start": os.getloadavg()[0],
                            **run_child(["full", str(full_root), "256", str(args.steps)], limit_gib=args.limit_gib)}
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        results = {**saved, "full": results["full"]}
         path.write_text(json.dumps(results, indent=1))
         (args.out / "gguf.md").write_text(markdown(results))
     print((args.out / "gguf.md").read_text())
