@@ -371,6 +371,105 @@ def test_edit_streams_parse_with_the_sdk(server):
     assert kinds == ["ImageEditPartialImageEvent", "ImageEditCompletedEvent"], kinds
 
 
+def family_server(snapshot):
+    """A server on a tiny FLUX.1 family model (tests/snapshots.py), and its pipeline."""
+    family = Pipeline.from_pretrained(snapshot, dtype=torch.float32)
+    return family, serving(family, max_batch=4)
+
+
+def gradient(width, height, mode="RGB") -> Image.Image:
+    """A picture with structure (a colour gradient), so that resizing and masking show."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8)).convert(mode)
+
+
+def encoded(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_fill_edits_inpaint_the_transparent_area(tiny_fill_snapshot):
+    """An edit on a Fill model equals `Pipeline(image=, mask_image=)` with the same seed: the mask sent the OpenAI
+    way (RGBA, transparent where to repaint) against a white-on-black mask given to the pipeline directly."""
+    fill, server = family_server(tiny_fill_snapshot)
+    picture = gradient(48, 32)
+    upload = picture.convert("RGBA")
+    alpha = np.full((32, 48), 255, dtype=np.uint8)
+    alpha[8:24, 16:40] = 0  # the area to repaint
+    upload.putalpha(Image.fromarray(alpha))
+    white = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    # The same kernels on the same inputs (the job runs alone, as a direct call): equal to the bit.
+    expected = np.asarray(fill("a red door", image=picture, mask_image=white, seed=4, num_steps=2, progress=False)[0],
+                          dtype=np.int16)
+    with server as (url, _):
+        result = client(url).images.edit(image=("in.png", encoded(picture), "image/png"), prompt="a red door",
+                                         mask=("mask.png", encoded(upload), "image/png"),
+                                         extra_body={"seed": "4", "steps": "2"})
+        np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected)  # size: the picture's, 48×32
+        refusals = [
+            ({"image": ("a.png", encoded(picture), "image/png")}, {"prompt": "x"}, "mask", "needs a mask"),
+            ({"image": ("a.png", encoded(picture), "image/png"), "mask": ("m.png", png(mode="RGBA"), "image/png")},
+             {"prompt": "x"}, "mask", "size of the image (48x32)"),
+            ([("image[]", ("a.png", png(), "image/png")), ("image[]", ("b.png", png(), "image/png"))], {"prompt": "x"},
+             "image", "Kontext model"),
+            ({"image": ("a.png", png(), "image/png"), "mask": ("m.png", png(), "image/png")},
+             {"prompt": "x", "auto_resize": "false"}, "auto_resize", "Kontext model"),
+        ]
+        for files, data, param, message in refusals:
+            answer = httpx.post(url + "/v1/images/edits", files=files, data=data, timeout=TIMEOUT)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+            assert message in answer.json()["error"]["message"], answer.text
+        answer = httpx.post(url + "/v1/images/generations", json={"prompt": "x"}, timeout=TIMEOUT)
+        assert answer.status_code == 400 and "/v1/images/edits" in answer.json()["error"]["message"], answer.text
+
+
+def test_kontext_edits_take_the_images_as_references(tiny_kontext_snapshot):
+    """An edit on a Kontext model with two pictures (`image[]`, as the SDK sends a list) equals `Pipeline(image=
+    [first, second])` with the same seed; so does a generation (no reference)."""
+    kontext, server = family_server(tiny_kontext_snapshot)
+    first, second = gradient(48, 32), gradient(32, 32).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # auto_resize false keeps the references at their own (tiny) sizes; resizing is test_family.py's to test.
+    expected = kontext("make it blue", image=[first, second], auto_resize=False, seed=6, num_steps=2, progress=False)
+    generated = kontext("a blue door", width=32, height=32, seed=6, num_steps=2, progress=False)
+    with server as (url, _):
+        result = client(url).images.edit(
+            image=[("a.png", encoded(first), "image/png"), ("b.png", encoded(second), "image/png")],
+            prompt="make it blue", extra_body={"seed": "6", "steps": "2", "auto_resize": "false"})
+        # Alone, the same kernels see the same inputs: equal to the bit. Size: the first reference's.
+        np.testing.assert_array_equal(pixels(result.data[0].b64_json), np.asarray(expected[0], dtype=np.int16))
+        np.testing.assert_array_equal(generate(url, "a blue door", 6), np.asarray(generated[0], dtype=np.int16))
+        for data, files, param in [({"prompt": "x", "strength": "0.5"}, {}, "strength"),
+                                   ({"prompt": "x"}, {"mask": ("m.png", png(), "image/png")}, "mask")]:
+            answer = httpx.post(url + "/v1/images/edits", data=data, timeout=TIMEOUT,
+                                files={"image": ("a.png", png(), "image/png"), **files})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+            assert "Kontext model" in answer.json()["error"]["message"]
+
+
+def test_kontext_jobs_batch_only_with_the_same_references():
+    from flux.serve.worker import Job
+
+    def job(picture, prompt="x"):
+        return Job(prompt=prompt, seeds=[1], width=32, height=32, steps=2, notify=None, references=[picture])
+
+    red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
+    assert job(red).batch_key() == job(red.copy(), "y").batch_key()  # the same upload, another prompt
+    assert job(red).batch_key() != job(blue).batch_key()
+
+
+def test_control_models_refuse_edits_and_generations(tiny_canny_snapshot):
+    _, server = family_server(tiny_canny_snapshot)
+    with server as (url, _):
+        answer = httpx.post(url + "/v1/images/edits", data={"prompt": "x"}, timeout=TIMEOUT,
+                            files={"image": ("a.png", png(), "image/png")})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "image", answer.text
+        assert "control image" in answer.json()["error"]["message"]
+        answer = httpx.post(url + "/v1/images/generations", json={"prompt": "x"}, timeout=TIMEOUT)
+        assert answer.status_code == 400 and "control image" in answer.json()["error"]["message"], answer.text
+
+
 def test_api_key_lora_and_the_command(pipe, tmp_path):
     """`flux serve` as a user starts it: a subprocess, --port 0, the URL read from its log; with --api-key and
     --lora, whose image must equal `Pipeline.load_lora` at the same scale in this process."""

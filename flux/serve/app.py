@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from flux.serve.fields import (EDIT_FIELDS, GENERATION_FIELDS, APIError, edit_size, invalid, read_image,
+from flux.serve.fields import (EDIT_FIELDS, GENERATION_FIELDS, APIError, edit_area, edit_size, invalid, read_image,
                                read_request)
 from flux.serve.worker import Job, QueueFull, Worker
 
@@ -140,7 +140,12 @@ def create_app(pipe, *, model_id: str, model_name: str, api_key: str | None = No
             raise invalid(None, "the body must be a JSON object", code="invalid_json")
         options = read_request(fields, allowed=GENERATION_FIELDS, form=False, model_id=model_id,
                                default_size=default_size, default_steps=defaults.num_steps)
-        return await run(request, options, image=None, event="image_generation")
+        if pipe.variant in ("fill", "control"):  # they draw from a picture (and a mask) or a control image
+            needs = "an image and a mask: send them to /v1/images/edits" if pipe.variant == "fill" else \
+                "a control image (an edge or depth map), which the OpenAI API has no field for"
+            raise invalid("prompt", f"{model_id} is a FLUX.1 {pipe.variant} model: it does not generate from a prompt "
+                          f"alone; it needs {needs}", code="unsupported_value")
+        return await run(request, options, event="image_generation")
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -164,28 +169,56 @@ def create_app(pipe, *, model_id: str, model_name: str, api_key: str | None = No
             raise invalid("mask", "mask must be a file upload, not a text field")
         mask = None if mask is None else read_image(await mask.read(), "mask")
         text = {key: value for key, value in form.multi_items() if key not in ("image", "image[]", "mask")}
-        if "size" not in text:  # without a size, the edit keeps the picture's shape
-            text["size"] = "{}x{}".format(*edit_size(images[0], default_size))
+        variant = pipe.variant
+        if "size" not in text:  # without a size, the edit comes out at the size the picture gives it
+            text["size"] = "{}x{}".format(*edit_size(images[0], default_size, variant=variant,
+                                                     auto_resize=text.get("auto_resize") != "false"))
         options = read_request(text, allowed=EDIT_FIELDS, form=True, model_id=model_id, default_size=default_size,
                                default_steps=defaults.num_steps)
-        variant = getattr(pipe, "variant", "text-to-image")  # Pipeline.variant arrives with the FLUX.1 family
-        if variant == "text-to-image":
+        refuse_edit(variant, images=images, mask=mask, options=options)
+        if variant == "kontext":  # every picture is a reference, read by the model beside the prompt
+            return await run(request, options, references=[picture.convert("RGB") for picture in images],
+                             event="image_edit")
+        picture = images[0].convert("RGB")
+        if variant == "fill":  # repaints the mask's area; strength < 1 starts it from the picture, partly noised
+            return await run(request, options, image=picture, mask=edit_area(mask),
+                             strength=1.0 if options.strength is None else options.strength, event="image_edit")
+        return await run(request, options, image=picture, event="image_edit",
+                         strength=0.8 if options.strength is None else options.strength)
+
+    def refuse_edit(variant: str, *, images, mask, options) -> None:
+        """A 400 naming the field for an edit the served model cannot make."""
+        if variant == "control":  # the OpenAI API has no field for an edge or depth map
+            raise invalid("image", f"{model_id} is a FLUX.1 Canny/Depth model: it is steered by a control image "
+                          "(an edge or depth map), which the OpenAI edits API has no field for; use flux.Pipeline "
+                          "or `flux generate --control-image`", code="unsupported_value")
+        if variant != "kontext" and options.auto_resize is not None:
+            raise invalid("auto_resize", "auto_resize is for a FLUX.1 Kontext model (it resizes the references); "
+                          f"{model_id} is a {variant} model", code="unsupported_value")
+        if variant == "kontext":
             if mask is not None:
-                raise invalid("mask", f"{model_id} is a text-to-image model: it edits by image-to-image (with "
-                              "`strength`), and inpainting with a mask needs a FLUX.1 Fill model", code="unsupported_value")
-            if len(images) > 1:
-                raise invalid("image", f"{model_id} is a text-to-image model: it edits one image by image-to-image; "
-                              "several reference images need a FLUX.1 Kontext model", code="unsupported_value")
-            return await run(request, options, image=images[0].convert("RGB"), event="image_edit")
+                raise invalid("mask", f"{model_id} is a FLUX.1 Kontext model: it edits the whole picture as the "
+                              "prompt says, without a mask; inpainting a masked area needs a FLUX.1 Fill model",
+                              code="unsupported_value")
+            if options.strength is not None:
+                raise invalid("strength", f"{model_id} is a FLUX.1 Kontext model: it takes the image(s) as "
+                              "references, not as a starting point; strength is for image-to-image and Fill",
+                              code="unsupported_value")
+            return
+        if len(images) > 1:
+            raise invalid("image", f"{model_id} is a {variant} model: it edits one image; several reference "
+                          "images need a FLUX.1 Kontext model", code="unsupported_value")
+        if variant == "text-to-image" and mask is not None:
+            raise invalid("mask", f"{model_id} is a text-to-image model: it edits by image-to-image (with "
+                          "`strength`), and inpainting with a mask needs a FLUX.1 Fill model", code="unsupported_value")
         if variant == "fill" and mask is None:
             raise invalid("mask", f"{model_id} is a FLUX.1 Fill model: an edit needs a mask (transparent, or "
                           "white where no alpha, marks the area to repaint)", code="missing_required_parameter")
-        # Fill (image + flux.serve.fields.edit_area(mask)) and Kontext (the images as references) are wired here
-        # once the FLUX.1 family's pipelines exist; Canny/Depth models take no edit.
-        raise invalid("image", f"editing with a FLUX.1 {variant} model is not supported by this server yet",
-                      code="unsupported_value")
+        if variant == "fill" and mask.size != images[0].size:
+            raise invalid("mask", "mask must have the size of the image ({}x{}), got {}x{}".format(
+                          *images[0].size, *mask.size))
 
-    async def run(request: Request, options, *, image, event: str):
+    async def run(request: Request, options, *, event: str, image=None, mask=None, references=None, strength=None):
         """Queue the job, then answer with its images (JSON) or stream its events (SSE)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -201,7 +234,8 @@ def create_app(pipe, *, model_id: str, model_name: str, api_key: str | None = No
         job = Job(prompt=options.prompt, seeds=options.seeds, width=options.width, height=options.height,
                   steps=options.steps, notify=notify, guidance=options.guidance,
                   negative_prompt=options.negative_prompt, true_cfg_scale=options.true_cfg_scale, image=image,
-                  strength=options.strength, output_format=options.output_format,
+                  mask=mask, references=references, strength=strength, auto_resize=options.auto_resize,
+                  output_format=options.output_format,
                   output_compression=options.output_compression, model_name=model_name)
         if options.stream:  # `partial_images` previews, or by default one every second step
             job.previews = options.partial_images if options.partial_images is not None else (job.steps_run() - 1) // 2

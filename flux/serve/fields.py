@@ -7,7 +7,8 @@ the request reaches the queue. The checks on sizes, steps and the like are the p
 words. A 500 is left for the server's own failures: the OpenAI SDK retries a 5xx twice, re-running the work.
 
 Fields beyond the OpenAI API (the SDK sends them through `extra_body`): seed, steps, guidance, negative_prompt,
-true_cfg_scale, and strength for edits. Unknown fields are refused, so that a misspelt `sed` does not go unseen.
+true_cfg_scale, and for edits strength (image-to-image and Fill) and auto_resize (Kontext). Unknown fields are
+refused, so that a misspelt `sed` does not go unseen.
 """
 
 import io
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from flux.pipelines.requests import MAX_STEPS, check_request, image_seeds, is_int, is_number
+from flux.pipelines.variants import reference_size
 
 MAX_IMAGES = 10  # n, as the OpenAI API bounds it
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -25,7 +27,7 @@ IGNORED = {"quality", "style", "moderation", "user", "safety_identifier", "input
 COMMON = {"prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream",
           "partial_images", "background", "seed", "steps", "guidance", "negative_prompt", "true_cfg_scale"} | IGNORED
 GENERATION_FIELDS = COMMON
-EDIT_FIELDS = COMMON | {"image", "image[]", "mask", "strength"}
+EDIT_FIELDS = COMMON | {"image", "image[]", "mask", "strength", "auto_resize"}
 
 
 class APIError(Exception):
@@ -60,7 +62,8 @@ class ImageRequest:
     output_compression: int | None
     stream: bool
     partial_images: int | None
-    strength: float = 0.8
+    strength: float | None = None  # None: not given (the model's own default applies)
+    auto_resize: bool | None = None
 
 
 def read_request(fields: dict, *, allowed: set, form: bool, model_id: str, default_size: tuple[int, int],
@@ -115,8 +118,10 @@ def read_request(fields: dict, *, allowed: set, form: bool, model_id: str, defau
         raise invalid("negative_prompt", f"negative_prompt must be a string, got {type(negative).__name__}")
     true_cfg_scale = read.number("true_cfg_scale", 1.0)
     _pipeline_check("true_cfg_scale", ["x"], true_cfg_scale=true_cfg_scale, negative_prompt=negative)
-    strength = read.number("strength", 0.8)
-    _pipeline_check("strength", ["x"], strength=strength)
+    strength = read.number("strength", None)
+    if strength is not None:
+        _pipeline_check("strength", ["x"], strength=strength)
+    auto_resize = read.boolean("auto_resize", None)
     stream = read.boolean("stream", False)
     partial_images = read.integer("partial_images", None)
     if partial_images is not None and not 0 <= partial_images <= MAX_STEPS:
@@ -124,7 +129,7 @@ def read_request(fields: dict, *, allowed: set, form: bool, model_id: str, defau
     return ImageRequest(prompt=prompt, seeds=seeds, width=width, height=height, steps=steps, guidance=guidance,
                         negative_prompt=negative, true_cfg_scale=true_cfg_scale, output_format=output_format,
                         output_compression=compression, stream=stream, partial_images=partial_images,
-                        strength=strength)
+                        strength=strength, auto_resize=auto_resize)
 
 
 SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
@@ -213,9 +218,14 @@ def edit_area(mask: Image.Image) -> Image.Image:
     return mask.convert("L").point(lambda value: 255 if value > 127 else 0)
 
 
-def edit_size(picture: Image.Image, default: tuple[int, int]) -> tuple[int, int]:
-    """The size an edit comes out at without `size`: the image's aspect ratio, no larger in area than the model's
-    default size, each side a multiple of 16 (at least 16)."""
+def edit_size(picture: Image.Image, default: tuple[int, int], *, variant: str = "text-to-image",
+              auto_resize: bool = True) -> tuple[int, int]:
+    """The size an edit comes out at without `size`. A Kontext model's, as `Pipeline` chooses it: the first
+    reference's size once resized (with `auto_resize`, the trained resolution of nearest aspect ratio). Otherwise
+    the image's aspect ratio, no larger in area than the model's default size, each side a multiple of 16 (at
+    least 16)."""
     width, height = picture.size
+    if variant == "kontext" and auto_resize and min(width, height) >= 16:  # smaller: the pipeline refuses it
+        return reference_size(picture, auto_resize=True)
     scale = min(1.0, (default[0] * default[1] / (width * height)) ** 0.5)
     return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)

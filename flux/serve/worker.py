@@ -5,7 +5,9 @@ A `Pipeline` is not safe to call from two threads at once (its text encoders may
 LoRA may be loaded into it), and a GPU runs one batch at a time anyway. So every request becomes a `Job` that
 waits in a queue; the worker takes the oldest, fills a batch of up to `max_batch` images with the images of the
 jobs that wait for the same size, steps, guidance and conditioning, and makes one `Pipeline` call with a prompt
-and a seed per image. Nothing about one request lives in the pipeline between calls: the sampling state is
+and a seed per image. Image-to-image and Fill jobs batch with one picture (and mask) per image; a Kontext call
+shares its references over the whole batch, so Kontext jobs batch only with jobs whose references are the same
+pictures, pixel for pixel (the same upload with different prompts or seeds). Nothing about one request lives in the pipeline between calls: the sampling state is
 local to the call (diffusers #7851 is what happens otherwise).
 
 Seeds: image i of a job with seed s has seed s + i (flux.pipelines.requests.image_seeds), as `flux generate
@@ -18,6 +20,7 @@ wants its images; when none does it raises `Cancelled`, which ends the call befo
 cancelled while others in its batch go on is dropped when the batch ends.
 """
 
+import hashlib
 import io
 import logging
 import threading
@@ -62,8 +65,11 @@ class Job:
     guidance: float | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
-    image: Image.Image | None = None  # image-to-image from this picture, at `strength`
-    strength: float = 0.8
+    image: Image.Image | None = None  # image-to-image from this picture, at `strength`; Fill's picture
+    mask: Image.Image | None = None  # Fill: 255 where to repaint (flux.serve.fields.edit_area)
+    references: list[Image.Image] | None = None  # Kontext's reference pictures
+    strength: float | None = None  # image-to-image and Fill; None: none (generations, Kontext)
+    auto_resize: bool | None = None  # Kontext: None is the pipeline's default (resize the references)
     output_format: str = "png"
     output_compression: int | None = None
     previews: int = 0  # how many previews to send over the steps (0: none)
@@ -71,6 +77,15 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     scheduled: int = 0  # images handed to a batch so far
     finished: int = 0  # images delivered
+    references_key: str | None = field(default=None, init=False)  # a digest of the references' pixels
+
+    def __post_init__(self):
+        if self.references is not None:
+            digest = hashlib.sha256()
+            for picture in self.references:
+                digest.update(f"{picture.mode} {picture.size};".encode())
+                digest.update(picture.tobytes())
+            self.references_key = digest.hexdigest()
 
     @property
     def count(self) -> int:
@@ -80,13 +95,17 @@ class Job:
         """Jobs with equal keys can share a batch: the pipeline takes one size, schedule and guidance per call."""
         # Without true CFG the negative prompt is unused; with it, every image of a batch needs one.
         negative = self.negative_prompt is not None and self.true_cfg_scale > 1
+        # Pictures and masks go one per image; Kontext's references are one set per call (see the module docstring).
         return (self.width, self.height, self.steps, self.guidance, self.true_cfg_scale if negative else 1.0,
-                negative, self.image is not None, self.strength if self.image is not None else None)
+                negative, self.image is not None, self.mask is not None, self.strength, self.references_key,
+                self.auto_resize)
 
     def steps_run(self) -> int:
-        """The steps the sampler takes: image-to-image skips the first int((1 − strength)·steps), as
-        flux.pipelines.sampling.img2img_start does."""
-        return self.steps - int((1 - self.strength) * self.steps) if self.image is not None else self.steps
+        """The steps the sampler takes: image-to-image (and Fill below strength 1) skips the first
+        int((1 − strength)·steps), as flux.pipelines.sampling.img2img_start does."""
+        if self.image is None or self.strength is None:
+            return self.steps
+        return self.steps - int((1 - self.strength) * self.steps)
 
 
 @dataclass
@@ -244,20 +263,24 @@ class Worker:
                 offset += part.count
 
         settings = dict(width=first.width, height=first.height, num_steps=first.steps, guidance=first.guidance,
-                        true_cfg_scale=first.true_cfg_scale, strength=first.strength, progress=False,
-                        callback=callback)
+                        true_cfg_scale=first.true_cfg_scale, strength=first.strength, auto_resize=first.auto_resize,
+                        progress=False, callback=callback)
         if len(batch) == 1 and batch[0].count == first.count:
             # Alone, the job runs exactly as `flux generate --num-images` runs it: one prompt encoded once.
             return self.pipe(first.prompt, seed=list(first.seeds), num_images_per_prompt=first.count,
-                             negative_prompt=first.negative_prompt, image=first.image, **settings)
-        prompts, seeds, negatives, images = [], [], [], []
+                             negative_prompt=first.negative_prompt, image=first.references or first.image,
+                             mask_image=first.mask, **settings)
+        prompts, seeds, negatives, images, masks = [], [], [], [], []
         for part in batch:
             prompts += [part.job.prompt] * part.count
             seeds += part.job.seeds[part.start : part.start + part.count]
             negatives += [part.job.negative_prompt] * part.count
             images += [part.job.image] * part.count
+            masks += [part.job.mask] * part.count
+        # Equal batch keys: every job has a picture and a mask, or none does; the references are the same.
+        image = first.references or (None if first.image is None else images)
         return self.pipe(prompts, seed=seeds, negative_prompt=None if negatives[0] is None else negatives,
-                         image=None if first.image is None else images, **settings)
+                         image=image, mask_image=None if first.mask is None else masks, **settings)
 
 
 def preview_schedule(previews: int, steps: int) -> set[int]:
