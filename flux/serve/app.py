@@ -143,7 +143,7 @@ def create_app(pipe, *, model_id: str, model_name: str, api_key: str | None = No
         if pipe.variant in ("fill", "control"):  # they draw from a picture (and a mask) or a control image
             needs = "an image and a mask: send them to /v1/images/edits" if pipe.variant == "fill" else \
                 "a control image (an edge or depth map), which the OpenAI API has no field for"
-            raise invalid("prompt", f"{model_id} is a FLUX.1 {pipe.variant} model: it does not generate from a prompt "
+            raise invalid(None, f"{model_id} is a FLUX.1 {pipe.variant} model: it does not generate from a prompt "
                           f"alone; it needs {needs}", code="unsupported_value")
         return await run(request, options, event="image_generation")
 
