@@ -227,7 +227,7 @@ def other_width_redux() -> Redux:
     (dict(redux_image=[[Image.new("RGB", (8, 8))]] * 3, redux="REDUX"), r"got 3 lists of images for 1 prompt"),
     (dict(prompt=PROMPTS, redux_image=[[Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))] * 2], redux="REDUX"),
      r"every prompt needs the same number of images"),
-    (dict(prompt=None), r"give a prompt, or prompt_embeds and pooled_prompt_embeds, or redux_image"),
+    (dict(prompt=None), r"or give prompt_embeds and pooled_prompt_embeds, or redux_image with redux="),
     (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 48)), r"prompt_embeds and pooled_prompt_embeds go together"),
     (dict(prompt_embeds=torch.zeros(1, 4, 48), pooled_prompt_embeds=torch.zeros(1, 40)), r"give prompt or prompt_embeds"),
     (dict(prompt=None, prompt_embeds=torch.zeros(1, 4, 4096), pooled_prompt_embeds=torch.zeros(1, 40)),

@@ -83,6 +83,8 @@ def check_text_inputs(prompt, *, prompt_embeds, pooled_prompt_embeds, redux_imag
 
     Checks shapes, not values: the prompts themselves are checked by `check_request`.
     """
+    if prompt is not None and not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else prompt
     if prompts is not None and prompt_embeds is not None:
         raise ValueError("give prompt or prompt_embeds (with pooled_prompt_embeds), not both")
@@ -91,7 +93,8 @@ def check_text_inputs(prompt, *, prompt_embeds, pooled_prompt_embeds, redux_imag
                          f"{params.context_in_dim}) and CLIP's pooled vector (B, {params.vec_in_dim}), e.g. from "
                          "pipe.encode_prompt(prompt)")
     if prompts is None and prompt_embeds is None and redux_image is None:
-        raise ValueError("give a prompt, or prompt_embeds and pooled_prompt_embeds, or redux_image (with redux=)")
+        raise ValueError("prompt must be a string or a non-empty list of strings (or give prompt_embeds and "
+                         "pooled_prompt_embeds, or redux_image with redux=)")
     if prompt_embeds is not None:
         _check_embeds(prompt_embeds, pooled_prompt_embeds, params)
         if t5_attention_mask:

@@ -21,7 +21,7 @@ def check_request(prompts, *, width, height, num_steps, num_images_per_prompt=1,
     """The checks that need no model: the `flux` command runs them before loading one. None (for width,
     height, num_steps, max_sequence_length) means the model's default, checked later. Booleans are not numbers
     here, though Python counts True as 1."""
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
     negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
     if negatives is not None and not (isinstance(negatives, (list, tuple)) and all(isinstance(p, str) for p in negatives)):
