@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.snapshot import build
-from benchmarks.machine import machine, machine_line
+from benchmarks.machine import log, machine, machine_line
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,10 +80,6 @@ def markdown(results: dict) -> str:
                      f"{cpu['diffusers'] / cpu['ours']:.2f} | {case['max_abs_difference']:.2g} | "
                      f"{case['load_average_before']:.1f} → {case['load_average_after']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main():

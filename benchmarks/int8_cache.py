@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import machine, machine_line
+from benchmarks.machine import log, machine, machine_line
 from benchmarks.snapshot import PROMPT, build
 
 HERE = Path(__file__).resolve().parent
@@ -165,10 +165,6 @@ def cache_markdown(r: dict) -> str:
             lines.append(f"| {case['steps']} | {'off' if s['threshold'] is None else s['threshold']} | "
                          f"{s['reused_steps']} | {s['transformer_s']:.3f} | {s['speedup']:.2f}× | {s['image_error']:.4f} |")
     return "\n".join(lines) + "\n"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main():

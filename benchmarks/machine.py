@@ -28,3 +28,8 @@ def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; CPU flags: {' '.join(m['flags'])}; "
             f"torch {m['torch']}; {m['date']}; load average at the start {m['load_average_at_start']:.1f} "
             "(the machine was shared with other agents' jobs).")
+
+
+def log(message: str) -> None:
+    """A timestamped progress line, for runs that take minutes."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
