@@ -68,10 +68,11 @@ def worker(side: str, snapshot: Path, dtype: torch.dtype, threads: int, quantize
     if side == "ours":
         from flux.pipelines.pipeline import Pipeline
 
-        # The issue's memory target counts the text encoders released before denoising, as `flux generate` does;
-        # a later call reads them again from the page cache, inside the timed text encoding.
+        # As `flux generate` loads: the text encoders released before denoising (a later call reads them again
+        # from the page cache, inside the timed text encoding), and the transformer's mapped pages given back
+        # after each block (flux/weights/pages.py; the faults that map them again are inside the timed steps).
         pipe = Pipeline.from_pretrained(snapshot, device="cpu", dtype=dtype, release_text_encoders=True,
-                                        quantize=quantize)
+                                        release_pages=True, quantize=quantize)
         transformer = pipe.model
         pipe._encode = timed("text", pipe._encode)  # tokenizers, T5 and CLIP: what diffusers' encode_prompt does
         pipe.ae.decode = timed("decode", pipe.ae.decode)

@@ -1,18 +1,20 @@
 """int8 W8A8 compute and First-Block-Cache: speed against our bf16 step, and error against the unquantized or
 uncached run, side by side in one process.
 
-    python -m benchmarks.int8_cache int8  [--size 512 --runs 3]    # real-width blocks: bf16 vs int8 step
-    python -m benchmarks.int8_cache cache [--steps 28 50]          # the built-in model, cached vs uncached
+    python -m benchmarks.int8_cache int8  [--size 512 --runs 3 --compile]  # real-width blocks: bf16 vs int8 step
+    python -m benchmarks.int8_cache cache [--steps 28 50]                  # the built-in model, cached vs uncached
+    python -m benchmarks.int8_cache cache --real-width [--size 256]        # the same at real width
 
 int8: the synthetic repository's transformer (benchmarks/snapshot.py: real width 3072, 24 heads of 128,
 2 double + 4 single blocks, random weights), loaded twice in bf16, one copy quantized with `quantize_int8`; the
 two forwards alternate on the same inputs (256 text tokens, size² pixels), after a warm-up each. Reported:
 median wall and process CPU time per step, the speed-up, and the int8 step's error against the bf16 one (mean abs
-over the output's mean abs). Then the built-in model's image (64², 8 steps, bf16) with and without int8: mean abs
+over the output's mean abs). `--compile` compiles both sides' blocks alike (flux/runtime/compile.py), which
+fuses the int8 layers' quantization and rescale into the elementwise work around them. Then the built-in model's image (64², 8 steps, bf16) with and without int8: mean abs
 difference of pixels in [0, 1].
 
-cache: the built-in model (flux-tiny) sampled dev-style at 28 and 50 steps (shifted schedule; its own
-guidance-free model), uncached and with `cache="first-block"` at several thresholds, alternating. Reported: the
+cache: the built-in model (flux-tiny, fp32, 64²) or with `--real-width` the synthetic repository (bf16, --size²)
+sampled dev-style at 28 and 50 steps (the shifted schedule; their own guidance-free models), uncached and with `cache="first-block"` at several thresholds, alternating. Reported: the
 steps whose later blocks were skipped, the transformer's process CPU time per generation (its forward calls,
 timed by hooks; the text encoders and decode are the same on both sides), the speed-up, and the image error.
 
@@ -41,8 +43,9 @@ def timed(function) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def int8_step(snapshot: Path, size: int, runs: int, threads: int) -> dict:
+def int8_step(snapshot: Path, size: int, runs: int, threads: int, compiled: bool = False) -> dict:
     from flux.pipelines.sampling import get_noise, image_ids, pack, text_ids
+    from flux.runtime.compile import compile_blocks
     from flux.weights.int8 import cpu_has_int8_dot_products, quantize_int8
     from flux.weights.loading import load_flow_model
 
@@ -56,7 +59,11 @@ def int8_step(snapshot: Path, size: int, runs: int, threads: int) -> dict:
     ids, tids = image_ids(1, size, size), text_ids(1, 256)
     rope = bf16.rope(ids, tids)
     models = {"bf16": bf16, "int8": int8}
+    if compiled:  # both sides alike: the warm-up call below compiles
+        for model in models.values():
+            compile_blocks(model)
     result = {"machine": machine(threads), "size": size, "runs": runs, "int_mm": cpu_has_int8_dot_products(),
+              "compiled": compiled,
               "blocks": [bf16.params.depth, bf16.params.depth_single_blocks], "wall_s": {}, "cpu_s": {},
               "load_average_before": os.getloadavg()[0]}
     outputs = {}
@@ -89,19 +96,27 @@ def builtin_int8_image_error() -> dict:
     return errors
 
 
-def cache_runs(steps_list: list[int], thresholds: list[float], runs: int, threads: int) -> dict:
+def cache_runs(steps_list: list[int], thresholds: list[float], runs: int, threads: int, *, snapshot: Path | None = None,
+               size: int = 64) -> dict:
+    """The built-in model in fp32 (`snapshot` None) or the synthetic real-width repository in bf16, at size²."""
+    from dataclasses import replace
+
     from flux import Pipeline
     from flux.pipelines.snapshots import builtin_model
 
     torch.set_num_threads(threads)
-    pipe = Pipeline.from_pretrained(builtin_model(), device="cpu", dtype=torch.float32)
+    dtype = torch.float32 if snapshot is None else torch.bfloat16
+    pipe = Pipeline.from_pretrained(builtin_model() if snapshot is None else snapshot, device="cpu", dtype=dtype)
+    pipe.defaults = replace(pipe.defaults, shift_schedule=True)  # dev-style sampling: the shifted schedule
     step_times: list[float] = []
     starts: list[float] = []
     # Process CPU time of each forward: the tiny model's steps take milliseconds, which a busy machine's
     # scheduling would drown in wall time.
     pipe.model.register_forward_pre_hook(lambda *_: starts.append(time.process_time()))
     pipe.model.register_forward_hook(lambda *_: step_times.append(time.process_time() - starts[-1]))
-    result = {"machine": machine(threads), "runs": runs, "model": "built-in flux-tiny, fp32, 64²", "cases": []}
+    model = ("built-in flux-tiny, fp32" if snapshot is None else
+             "synthetic repository (real width 3072, 2 double + 4 single blocks, random weights), bf16")
+    result = {"machine": machine(threads), "runs": runs, "model": f"{model}, {size}², shifted schedule", "cases": []}
     skipped: list[int] = []
     import logging
 
@@ -113,7 +128,7 @@ def cache_runs(steps_list: list[int], thresholds: list[float], runs: int, thread
     logging.getLogger("flux").addHandler(Counter())
     logging.getLogger("flux").setLevel(logging.INFO)
     for steps in steps_list:
-        arguments = dict(width=64, height=64, num_steps=steps, seed=3, output_type="pt", progress=False)
+        arguments = dict(width=size, height=size, num_steps=steps, seed=3, output_type="pt", progress=False)
         settings = [None, *thresholds]
         times = {s: [] for s in settings}
         images, reused = {}, {}
@@ -145,7 +160,8 @@ def int8_markdown(r: dict) -> str:
     return "\n".join([
         machine_line(r["machine"]), "",
         f"Real width (3072, 24 heads of 128), {d} double + {s} single blocks, random weights, {r['size']}² "
-        f"(+ 256 text tokens), batch 1; medians of {r['runs']} alternating calls; `torch._int_mm` used: {r['int_mm']}; "
+        f"(+ 256 text tokens), batch 1; {'compiled (compile_blocks, inductor)' if r.get('compiled') else 'eager'}; "
+        f"medians of {r['runs']} alternating calls; `torch._int_mm` used: {r['int_mm']}; "
         f"load average {r['load_average_before']:.1f} → {r['load_average_after']:.1f}.", "",
         "| | bf16 | int8 W8A8 | speed-up |", "| --- | ---: | ---: | ---: |",
         f"| step, wall (s) | {wall['bf16']:.2f} | {wall['int8']:.2f} | {wall['bf16'] / wall['int8']:.2f}× |",
@@ -177,12 +193,19 @@ def main():
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--real-width", action="store_true",
+                        help="cache: the synthetic real-width repository at --size instead of the built-in model")
+    parser.add_argument("--compile", action="store_true", help="int8: both sides' blocks through compile_blocks (inductor)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "int8":
-        result, text = (r := int8_step(build(args.snapshot), args.size, args.runs, args.threads)), int8_markdown(r)
+        r = int8_step(build(args.snapshot), args.size, args.runs, args.threads, compiled=args.compile)
+        result, text = r, int8_markdown(r)
     else:
-        result, text = (r := cache_runs(args.steps, args.thresholds, args.runs, args.threads)), cache_markdown(r)
+        snapshot = build(args.snapshot) if args.real_width else None
+        r = cache_runs(args.steps, args.thresholds, args.runs, args.threads, snapshot=snapshot,
+                       size=args.size if args.real_width else 64)
+        result, text = r, cache_markdown(r)
     (args.out / f"{args.what}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{args.what}.md").write_text(text)
     print(text)

@@ -27,7 +27,7 @@ def machine(threads: int) -> dict:
 def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; CPU flags: {' '.join(m['flags'])}; "
             f"torch {m['torch']}; {m['date']}; load average at the start {m['load_average_at_start']:.1f} "
-            "(the machine was shared with other agents' jobs).")
+            "(the load average counts every job on the machine).")
 
 
 def log(message: str) -> None:

@@ -282,3 +282,27 @@ def test_inputs_are_validated_with_a_clear_message():
         Tiling(size=64, overlap=64)
     with pytest.raises(ValueError, match=r"ch \* ch_mult = \[48, 96\] must be a positive multiple of 32"):
         AutoEncoderParams(ch=48, ch_mult=(1, 2))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [
+    # fp32: the same sums in another order (the folded taps added first), rounding ~1e-6 of the largest value.
+    (torch.float32, 5e-6),
+    # bf16: the folded kernel is rounded to bf16 once (2^-9 relative), against each tap rounded alone; both sides
+    # accumulate in fp32 inside oneDNN, so the difference is a few bf16 roundings of the output's magnitude.
+    (torch.bfloat16, 1e-2),
+])
+def test_subpixel_upsample_equals_upsampling_then_convolving(dtype, tolerance):
+    from torch.nn import functional as F
+
+    from flux.modules.autoencoder import Upsample
+
+    torch.manual_seed(0)
+    layer = Upsample(48).to(dtype)
+    for shape in [(2, 48, 7, 5), (1, 48, 16, 16)]:  # odd and even sizes, a batch of two
+        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = layer.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(dtype)).float()
+            got = layer(x).float()
+        assert got.shape == expected.shape
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert error < tolerance, (shape, dtype, error)

@@ -108,9 +108,10 @@ def main(argv=None) -> int:
         model = args.model if args.model is not None else builtin_model()
         # Redux first, small: a wrong folder should not cost the transformer's read. Same device and dtype choice.
         redux = None if args.redux is None else load_redux(args.redux, device=args.device, dtype=DTYPES.get(args.dtype))
-        # One call per process: the text encoders are never needed again once the prompt is encoded.
+        # One call per process: the text encoders are never needed again once the prompt is encoded, and the
+        # transformer's memory-mapped pages go back to the page cache block by block (flux/weights/pages.py).
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload,
-                                        release_text_encoders=True, fp8=args.fp8,
+                                        release_text_encoders=True, release_pages=True, fp8=args.fp8,
                                         quantize=args.quantize, transformer=args.transformer)
         if args.lora is not None:
             pipe.load_lora(args.lora)

@@ -29,16 +29,17 @@ from flux.weights import lora
 from flux.weights.fp8 import load_fp8_flow_model
 from flux.weights.int8 import quantize_int8
 from flux.weights.loading import is_gguf, load_autoencoder, load_clip, load_flow_model, load_t5
+from flux.weights.pages import pages_supported, release_pages
 
 log = logging.getLogger("flux")
 
 
 class Pipeline:
     def __init__(self, *, model, ae, t5, clip, defaults: SamplingDefaults, device=None, offload=False, source=None,
-                 release_text_encoders=False, variant=None):
+                 release_text_encoders=False, variant=None, release_pages=False):
         """From loaded components. `device` None: where the transformer already is. `release_text_encoders`
         needs `source`, the folder they are read from again (see `from_pretrained`). `variant` None reads it
-        off the transformer; "kontext" must be said (its shapes are dev's)."""
+        off the transformer; "kontext" must be said (its shapes are dev's). `release_pages`: see `from_pretrained`."""
         if release_text_encoders and source is None:
             raise ValueError("release_text_encoders=True needs the folder to read the text encoders from again: "
                              "pass source=, or load with Pipeline.from_pretrained")
@@ -47,6 +48,15 @@ class Pipeline:
         offload = "model" if offload is True else offload  # True, from before "blocks" existed
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
         self.release_text_encoders = release_text_encoders
+        if release_pages is not True and release_pages is not False:
+            raise ValueError(f"release_pages must be True or False, got {release_pages!r:.80}")
+        if release_pages and not pages_supported():
+            log.info("release_pages: this system cannot release mapped pages (Linux only); the weights stay mapped")
+        self.release_pages = release_pages
+        if release_pages:
+            # After each block, its pages go back to the page cache: the process holds about one block at a time.
+            for block in (*model.double_blocks, *model.single_blocks):
+                block.register_forward_hook(_release_module_pages)
         self._text_encoder_dtype = next(clip.parameters()).dtype
         device = next(model.parameters()).device if device is None else device
         self.defaults, self.device, self.offload, self.source = defaults, torch.device(device), offload, source
@@ -60,7 +70,8 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, offload=False,
-                        release_text_encoders=False, fp8=False, quantize=None, variant=None, transformer=None) -> "Pipeline":
+                        release_text_encoders=False, fp8=False, quantize=None, variant=None, transformer=None,
+                        release_pages=False) -> "Pipeline":
         """A pipeline from a FLUX.1 repository folder, or a repo id found in the Hugging Face cache.
 
         `dtype` None computes in what is fast on `device` (flux/pipelines/devices.py): bf16 on GPUs and on CPUs
@@ -74,6 +85,11 @@ class Pipeline:
         the files at the next call (memory-mapped: a fraction of a second when the files are in the page
         cache), so the peak memory holds the text encoders or the transformer, not both: for FLUX.1 in bf16,
         about 9.5 GB less.
+        With `release_pages`, the weights that are views of their memory-mapped files (those loaded in their stored
+        dtype) give their pages back to the page cache after each use: every transformer block after it runs, the
+        text encoders after encoding (flux/weights/pages.py). The process then holds about one block of the
+        transformer at a time instead of all of it; the next use maps the pages again from the cache, without
+        disk I/O while memory is free, at a cost of about 1-2 % of a step (benchmarks/README.md).
         With `fp8`, the transformer's block weights are stored in float8_e4m3fn (about 12 GB for FLUX.1, from any
         file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/weights/fp8.py).
         `quantize="int8"` makes the blocks' attention and MLP Linears compute in int8 (W8A8, flux/weights/int8.py):
@@ -106,7 +122,7 @@ class Pipeline:
             t5=load_t5(root, max_length=defaults.max_sequence_length, device=load_device, dtype=dtype),
             clip=load_clip(root, device=load_device, dtype=dtype),
             defaults=defaults, device=device, offload=offload, source=root, release_text_encoders=release_text_encoders,
-            variant=variant,
+            variant=variant, release_pages=release_pages,
         )
 
     @property
@@ -309,6 +325,8 @@ class Pipeline:
         with self._on_device(self.clip):
             vec = self.clip(prompts)
         txt, vec = txt.to(self.dtype), vec.to(self.dtype)
+        if self.release_pages:
+            _release_module_pages(self.t5), _release_module_pages(self.clip)
         if mask is not None:
             mask = mask.repeat_interleave(repeats, dim=0)
         return txt.repeat_interleave(repeats, dim=0), vec.repeat_interleave(repeats, dim=0), mask
@@ -332,6 +350,11 @@ class Pipeline:
             module.to("cpu")
 
 
+def _release_module_pages(module, *hook_arguments) -> None:
+    """release_pages for a module's parameters and buffers; also a forward hook (whose arguments it ignores)."""
+    release_pages([*module.parameters(), *module.buffers()])
+
+
 def _check_offload(offload) -> None:
     # `is` for the booleans: 0 and 1 are == False and True, and are refused like any other value.
     if not (offload is False or offload is True or (isinstance(offload, str) and offload in ("model", "blocks"))):
@@ -345,12 +368,13 @@ def generate(prompt, *, model=None, **kwargs) -> list:
     """Prompt(s) -> list of PIL images, with a pipeline built once per model and kept for later calls.
 
     `model`: a FLUX.1 repository folder or a Hugging Face repo id; None uses the small built-in model.
-    `device`, `dtype`, `offload`, `release_text_encoders`, `fp8`, `quantize` and `variant` choose how it loads;
+    `device`, `dtype`, `offload`, `release_text_encoders`, `release_pages`, `fp8`, `quantize` and `variant` choose
+    how it loads;
     every other keyword (the family's `image`, `mask_image`, `control_image`, `auto_resize` among them) goes to
     `Pipeline.__call__`.
     """
     load_options = {key: kwargs.pop(key) for key in ("device", "dtype", "offload", "release_text_encoders", "fp8", "quantize",
-                                                     "variant")
+                                                     "variant", "release_pages")
                     if key in kwargs}
     if model is None:
         model = builtin_model()

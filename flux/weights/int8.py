@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flux.weights.pages import release_pages
 from flux.weights.quantized import QuantizedLinear, quantized_layers, replace_linears
 
 log = logging.getLogger("flux")
@@ -93,11 +94,14 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
     scale = max|row| / 127, so each row's largest value lands on ±127 and none saturates; each value is
     rounded to the nearest code (ties to even). An all-zero row gets scale 1 (its codes are all 0 either way).
+    Three passes over x, the fewest eager PyTorch allows (this runs before every int8 product): the row maxima
+    in x's own dtype (exact: the largest |value| is one of the values), the division into a fresh fp32 tensor
+    (x's dtype promoted by the fp32 scale), and the rounding with the conversion. No clamp: |x| / scale is at
+    most 127 up to the division's rounding (2^-24 relative), far from the 127.5 that would round past it.
     """
-    values = x.to(torch.float32, copy=True)  # a copy even from fp32: divided in place below
-    largest = values.abs().amax(dim=-1, keepdim=True)
+    largest = x.abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(largest > 0, largest / INT8_MAX, 1.0)
-    return values.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return torch.div(x, scale).round_().to(torch.int8), scale
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,7 +122,7 @@ def quantize_int8(model: nn.Module, *, targets=TARGETS) -> nn.Module:
     makes them compute in int8 where the hardware has fast int8 products; returns the model.
 
     One layer at a time (`replace_linears`), so the memory beyond the model is one layer's copy; the bf16 or fp32
-    weight it replaces is freed (or unmapped, for a memory-mapped file) as soon as nothing else holds it. The
+    weight it replaces is freed, or, for a view of a memory-mapped file, its pages are given back at once. The
     default targets are the blocks' attention and MLP Linears (see the module docstring). Quantize before adding
     LoRAs: a LoRA then runs beside the int8 layer, in the compute dtype.
     """
@@ -133,6 +137,9 @@ def quantize_int8(model: nn.Module, *, targets=TARGETS) -> nn.Module:
             weight, scale = quantize_weight(linear.weight.detach())
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
+        # Reading a memory-mapped weight made its pages resident, and they would stay so (counted in the
+        # process's memory) while anything else maps the file: give them back now (flux/weights/pages.py).
+        release_pages([linear.weight])
         return Int8Linear(weight, scale, linear.bias, int_mm=int_mm)
 
     replace_linears(model, targets=targets, make=make)
