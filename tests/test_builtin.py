@@ -102,15 +102,7 @@ def test_colour_reading_finds_the_renderers_colours():
         assert region_colour(picture, x, y, max(1, round(half * 64))) == scene.colour, scene
 
 
-# Orange and yellow are the closest pair of named colours, and a small triangle is a few pixels wide: with
-# seed 0 the model draws this one nearer yellow (strict: the test says so when it starts to pass).
-SMALL_ORANGE_TRIANGLE = pytest.mark.xfail(strict=True, reason="seed 0 draws the small orange triangle nearer yellow")
-
-
-@pytest.mark.parametrize("index", [
-    pytest.param(i, marks=SMALL_ORANGE_TRIANGLE) if (PROMPTS[i // len(SEEDS)].size, SEEDS[i % len(SEEDS)]) == ("small", 0)
-    else i for i in range(len(PROMPTS) * len(SEEDS))
-])
+@pytest.mark.parametrize("index", range(len(PROMPTS) * len(SEEDS)))
 def test_colours_follow_the_prompt(generated, index):
     """The shape's colour where the prompt puts the shape, the background's in the four corners."""
     scene, seed, picture = generated[index]

@@ -87,13 +87,13 @@ def main(argv=None) -> int:
                         help="caches and training checkpoints (not shipped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ae-steps", type=int, default=240)
-    parser.add_argument("--text-steps", type=int, default=1200)
-    parser.add_argument("--flow-steps", type=int, default=8000)
+    parser.add_argument("--text-steps", type=int, default=4000)
+    parser.add_argument("--flow-steps", type=int, default=20000)
     parser.add_argument("--init", type=Path, default=None,
                         help="a transformer file to start the flow stage from (see start_from); default: from scratch")
     parser.add_argument("--decoder-steps", type=int, default=200)
-    parser.add_argument("--train-images", type=int, default=4000)
-    parser.add_argument("--captions-per-image", type=int, default=6)
+    parser.add_argument("--train-images", type=int, default=8000)
+    parser.add_argument("--captions-per-image", type=int, default=8)
     parser.add_argument("--force", action="store_true", help="redo the chosen stage(s) even if their output exists")
     args = parser.parse_args(argv)
     # The few captions longer than T5's 32 tokens are cut, as the pipeline cuts prompts; the tokenizer's

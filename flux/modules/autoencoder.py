@@ -94,8 +94,9 @@ class AutoEncoder(nn.Module):
     def encode(self, x: Tensor, *, generator: torch.Generator | None = None, tile: bool | None = None) -> Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, z_channels, H/8, W/8) latents, as the transformer sees them.
 
-        The posterior mean by default (as the official code); a sample from the posterior when a `generator`
-        is given. `tile`: True or False forces tiling on or off, None (default) decides by the image size.
+        The posterior mean by default, which is deterministic (the official code and diffusers sample the
+        posterior when they encode a condition image; its log-variance is small, so the two differ little);
+        a sample from the posterior when a `generator` is given. `tile`: True or False forces tiling on or off, None (default) decides by the image size.
         """
         self._check(x, "encode", self.params.in_channels, self.params.downsampling, "(B, C, H, W) images")
         moments = self._run(self.encoder, x, tile, latent_input=False)  # (B, 2 z_channels, H/8, W/8)
