@@ -345,6 +345,11 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
+    try:
+        import matplotlib  # noqa: F401 - the plot's one extra requirement
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install matplotlib); the figures are in {out / 'results.md'}")
+        return
     plot(results, out / "step_time.png")
 
 

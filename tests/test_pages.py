@@ -13,7 +13,9 @@ import flux.pipelines.pipeline as pipeline_module
 from flux import Pipeline
 from flux.pipelines.snapshots import builtin_model
 from flux.weights.checkpoint import read_safetensors
-from flux.weights.pages import PAGE, pages_supported, release_pages
+from flux.weights.int8 import quantize_int8
+from flux.weights.loading import load_flow_model
+from flux.weights.pages import PAGE, pages_supported, release_pages, resident_bytes
 
 pytestmark = pytest.mark.skipif(not pages_supported(), reason="releasing mapped pages needs Linux's /proc/self/pagemap")
 
@@ -96,3 +98,14 @@ def test_pipeline_release_pages_gives_the_same_image_and_releases_each_block(mon
 def test_release_pages_must_be_a_bool():
     with pytest.raises(ValueError, match="release_pages must be True or False"):
         Pipeline.from_pretrained(builtin_model(), device="cpu", dtype=torch.float32, release_pages="yes")
+
+
+def test_quantize_int8_gives_back_the_pages_of_the_weights_it_replaces():
+    model = load_flow_model(builtin_model(), dtype=torch.float32)  # fp32 file, fp32 model: views of the file
+    replaced = model.double_blocks[0].img_mlp[0].weight  # kept alive here, so its pages could stay mapped
+    kept = model.double_blocks[0].img_mod.lin.weight  # the modulation stays in fp32 (flux/weights/int8.py)
+    kept.sum()
+    quantize_int8(model)
+    # Quantizing read every page of `replaced`; without the release they would be resident still.
+    assert replaced.numel() * 4 >= 16 * PAGE and resident_bytes([replaced]) == 0
+    assert resident_bytes([kept]) > 0  # what it did not replace it leaves alone

@@ -67,6 +67,19 @@ def release_pages(tensors) -> int:
     return released
 
 
+def resident_bytes(tensors) -> int:
+    """The bytes of the whole pages inside `tensors`' file-mapped storages that are resident in this process now."""
+    if not pages_supported():
+        return 0
+    total = 0
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for start, end in _mapped_page_ranges(tensors):
+            pagemap.seek(start // PAGE * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+            total += int(((entries & np.uint64(PRESENT)) != 0).sum()) * PAGE
+    return total
+
+
 def _mapped_page_ranges(tensors) -> list[tuple[int, int]]:
     """The whole pages inside the storages of `tensors` that lie in file-backed maps, merged, sorted."""
     maps = _file_maps()
