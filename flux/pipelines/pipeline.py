@@ -48,8 +48,7 @@ class Pipeline:
         offload = "model" if offload is True else offload  # True, from before "blocks" existed
         self.model, self.ae, self.t5, self.clip = model, ae, t5, clip
         self.release_text_encoders = release_text_encoders
-        if release_pages is not True and release_pages is not False:
-            raise ValueError(f"release_pages must be True or False, got {release_pages!r:.80}")
+        _check_release_pages(release_pages)
         if release_pages and not pages_supported():
             log.info("release_pages: this system cannot release mapped pages (Linux only); the weights stay mapped")
         self.release_pages = release_pages
@@ -89,7 +88,7 @@ class Pipeline:
         dtype) give their pages back to the page cache after each use: every transformer block after it runs, the
         text encoders after encoding (flux/weights/pages.py). The process then holds about one block of the
         transformer at a time instead of all of it; the next use maps the pages again from the cache, without
-        disk I/O while memory is free, at a cost of about 1-2 % of a step (benchmarks/README.md).
+        disk I/O while memory is free, at a cost of about 3 % of a step (benchmarks/README.md).
         With `fp8`, the transformer's block weights are stored in float8_e4m3fn (about 12 GB for FLUX.1, from any
         file: fp8 ones as they are, others quantized as read) and upcast to `dtype` at each matmul (flux/weights/fp8.py).
         `quantize="int8"` makes the blocks' attention and MLP Linears compute in int8 (W8A8, flux/weights/int8.py):
@@ -100,6 +99,7 @@ class Pipeline:
         flux/weights/gguf.py) or a community fp8 file; everything else comes from `path`.
         """
         _check_offload(offload)
+        _check_release_pages(release_pages)  # before the load: a typo should not cost a 24 GB read
         if quantize not in (None, "int8") or (quantize and fp8):
             raise ValueError(f"quantize must be None or 'int8' (and not combined with fp8=True), got {quantize!r:.80}")
         root = resolve_snapshot(path)
@@ -326,7 +326,8 @@ class Pipeline:
             vec = self.clip(prompts)
         txt, vec = txt.to(self.dtype), vec.to(self.dtype)
         if self.release_pages:
-            _release_module_pages(self.t5), _release_module_pages(self.clip)
+            _release_module_pages(self.t5)
+            _release_module_pages(self.clip)
         if mask is not None:
             mask = mask.repeat_interleave(repeats, dim=0)
         return txt.repeat_interleave(repeats, dim=0), vec.repeat_interleave(repeats, dim=0), mask
@@ -353,6 +354,11 @@ class Pipeline:
 def _release_module_pages(module, *hook_arguments) -> None:
     """release_pages for a module's parameters and buffers; also a forward hook (whose arguments it ignores)."""
     release_pages([*module.parameters(), *module.buffers()])
+
+
+def _check_release_pages(release_pages) -> None:
+    if release_pages is not True and release_pages is not False:
+        raise ValueError(f"release_pages must be True or False, got {release_pages!r:.80}")
 
 
 def _check_offload(offload) -> None:

@@ -9,7 +9,7 @@ the pages of some tensors (madvise MADV_DONTNEED):
 
 - the process's RSS falls by their size at once;
 - the page cache keeps them while memory is free, so the next read maps them again without disk I/O
-  (minor page faults: about 1-2 % of a real-width step when a whole block is faulted back in);
+  (minor page faults: about 3 % of a real-width step, benchmarks/README.md);
 - under memory pressure the kernel can drop them from the cache without first unmapping them from us,
   and read them from the file again when needed.
 
